@@ -1,0 +1,26 @@
+"""persona-governance: persona-patching audits of language models.
+
+    from governance import AuditSpec, run_audit
+    result = run_audit("path/to/model", AuditSpec(questions="mmlu.jsonl", n_questions=20))
+    result.scores.head()
+
+Importing the package loads nothing heavy; names are resolved on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+__all__ = ["AuditResult", "AuditSpec", "run_audit", "__version__"]
+
+if TYPE_CHECKING:
+    from governance.audit import AuditResult, AuditSpec, run_audit
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("AuditResult", "AuditSpec", "run_audit"):
+        from governance import audit
+
+        return getattr(audit, name)
+    raise AttributeError(f"module 'governance' has no attribute {name!r}")

@@ -1,0 +1,204 @@
+"""The persona catalogue: categories of persona phrases, instruction templates, and pairs.
+
+The catalogue is data (YAML, `governance/data/personas.yaml` by default) so that users can
+add their own personas, categories and instructions without touching code.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from governance.errors import ConfigError, format_validation_error
+
+NO_PERSONA = "(no persona)"
+NOISE_FLOOR_CATEGORY = "noise_floor"
+CONTROL_CATEGORY = "control"
+
+PairKind = Literal["within", "control", "noise_floor", "extra"]
+
+
+@dataclass(frozen=True)
+class Persona:
+    phrase: str
+    category: str
+
+
+@dataclass(frozen=True)
+class PersonaPair:
+    """A patching pair: activations of the `clean` persona's run go into the `corrupt` run."""
+
+    clean: Persona
+    corrupt: Persona
+    category: str
+    kind: PairKind
+
+    @property
+    def label(self) -> str:
+        return f"{self.clean.phrase} -> {self.corrupt.phrase}"
+
+
+class _PairDefaults(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    within_category: bool = True
+    against_control: bool = True
+    extra: list[tuple[str, str]] = Field(default_factory=list)
+
+
+class PersonaCatalogue(BaseModel):
+    """Validated persona catalogue (see the default YAML for the meaning of each field)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: Literal[1] = 1
+    instructions: dict[str, str]
+    default_instruction: str
+    categories: dict[str, list[str]]
+    controls: list[str] = Field(min_length=1)
+    noise_floor: tuple[str, str] | None = None
+    pairs: _PairDefaults = Field(default_factory=_PairDefaults)
+
+    @field_validator("instructions")
+    @classmethod
+    def _instructions_have_slot(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, text in value.items():
+            if text.count("{persona}") != 1:
+                raise ValueError(
+                    f"instruction {name!r} must contain the placeholder {{persona}} exactly "
+                    f"once, got: {text!r}"
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PersonaCatalogue:
+        if self.default_instruction not in self.instructions:
+            raise ValueError(
+                f"default_instruction {self.default_instruction!r} is not one of the "
+                f"instructions {sorted(self.instructions)}"
+            )
+        reserved = {CONTROL_CATEGORY, NOISE_FLOOR_CATEGORY}
+        seen: dict[str, str] = {}
+        for category, phrases in self.categories.items():
+            if category in reserved:
+                raise ValueError(f"category name {category!r} is reserved; choose another")
+            if not phrases:
+                raise ValueError(f"category {category!r} has no personas")
+            for phrase in phrases:
+                if not phrase.strip():
+                    raise ValueError(f"category {category!r} has an empty persona phrase")
+                if phrase in seen:
+                    raise ValueError(
+                        f"persona {phrase!r} appears in both {seen[phrase]!r} and {category!r}"
+                    )
+                seen[phrase] = category
+        for phrase in [*self.controls, *(self.noise_floor or ())]:
+            if phrase in seen:
+                raise ValueError(f"persona {phrase!r} is both a control and in {seen[phrase]!r}")
+        return self
+
+    # -- lookups -----------------------------------------------------------------------
+
+    def personas(self) -> list[Persona]:
+        """Every persona phrase with its category, controls and the noise-floor pair last."""
+        out = [Persona(p, c) for c, phrases in self.categories.items() for p in phrases]
+        out += [Persona(p, CONTROL_CATEGORY) for p in self.controls]
+        out += [Persona(p, NOISE_FLOOR_CATEGORY) for p in (self.noise_floor or ())]
+        return out
+
+    def find(self, phrase: str) -> Persona:
+        for persona in self.personas():
+            if persona.phrase == phrase:
+                return persona
+        raise ConfigError(
+            f"persona {phrase!r} is not in the catalogue; known personas: "
+            + ", ".join(repr(p.phrase) for p in self.personas())
+        )
+
+    @property
+    def neutral(self) -> Persona:
+        return Persona(self.controls[0], CONTROL_CATEGORY)
+
+    def instruction(self, name: str | None = None) -> str:
+        name = name or self.default_instruction
+        if name not in self.instructions:
+            raise ConfigError(f"instruction {name!r} is not one of {sorted(self.instructions)}")
+        return self.instructions[name]
+
+    def pairs_for(
+        self,
+        categories: list[str] | None = None,
+        *,
+        within_category: bool | None = None,
+        against_control: bool | None = None,
+        noise_floor: bool = True,
+    ) -> list[PersonaPair]:
+        """The default pairs: within each category, each persona against the first control,
+        the catalogue's extra pairs, and the noise-floor paraphrase pair."""
+        if categories is not None:
+            unknown = sorted(set(categories) - set(self.categories))
+            if unknown:
+                raise ConfigError(
+                    f"unknown persona categories {unknown}; the catalogue has "
+                    f"{sorted(self.categories)}"
+                )
+        wanted = list(self.categories) if categories is None else categories
+        within = self.pairs.within_category if within_category is None else within_category
+        control = self.pairs.against_control if against_control is None else against_control
+        out: list[PersonaPair] = []
+        for category in wanted:
+            members = [Persona(p, category) for p in self.categories[category]]
+            if within:
+                for a, b in itertools.combinations(members, 2):
+                    out.append(PersonaPair(a, b, category, "within"))
+            if control:
+                out += [PersonaPair(m, self.neutral, category, "control") for m in members]
+        for clean, corrupt in self.pairs.extra:
+            a, b = self.find(clean), self.find(corrupt)
+            if categories is None or a.category in wanted:
+                out.append(PersonaPair(a, b, a.category, "extra"))
+        if noise_floor and self.noise_floor:
+            a, b = (Persona(p, NOISE_FLOOR_CATEGORY) for p in self.noise_floor)
+            out.append(PersonaPair(a, b, NOISE_FLOOR_CATEGORY, "noise_floor"))
+        return out
+
+    def pair(self, clean: str, corrupt: str) -> PersonaPair:
+        a, b = self.find(clean), self.find(corrupt)
+        if a.category == NOISE_FLOOR_CATEGORY and b.category == NOISE_FLOOR_CATEGORY:
+            return PersonaPair(a, b, NOISE_FLOOR_CATEGORY, "noise_floor")
+        category = a.category if a.category != CONTROL_CATEGORY else b.category
+        return PersonaPair(a, b, category, "extra")
+
+    def to_dict(self) -> dict:
+        return self.model_dump(mode="json")
+
+
+DEFAULT_CATALOGUE_NAME = "personas.yaml"
+
+
+def load_catalogue(path: str | Path | None = None) -> PersonaCatalogue:
+    """Load and validate a persona catalogue; `None` loads the packaged default."""
+    if path is None:
+        text = resources.files("governance.data").joinpath(DEFAULT_CATALOGUE_NAME).read_text()
+        where = f"<package>/governance/data/{DEFAULT_CATALOGUE_NAME}"
+    else:
+        where = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read persona catalogue {where}: {exc}") from exc
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"persona catalogue {where} is not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"persona catalogue {where} must be a mapping, got {type(raw).__name__}")
+    try:
+        return PersonaCatalogue.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, where)) from exc
