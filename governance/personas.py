@@ -10,10 +10,17 @@ import itertools
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from governance.errors import ConfigError, format_validation_error
 
@@ -75,16 +82,25 @@ class PersonaCatalogue(BaseModel):
                 )
         return value
 
-    @model_validator(mode="after")
-    def _consistent(self) -> PersonaCatalogue:
-        if self.default_instruction not in self.instructions:
+    # Cross-field checks are field validators (not one model validator) so that each error
+    # names its field (`categories: ...`, `default_instruction: ...`) instead of `<root>`.
+    @field_validator("default_instruction")
+    @classmethod
+    def _default_is_known(cls, value: str, info: ValidationInfo) -> str:
+        instructions = info.data.get("instructions")
+        if instructions is not None and value not in instructions:
             raise ValueError(
-                f"default_instruction {self.default_instruction!r} is not one of the "
-                f"instructions {sorted(self.instructions)}"
+                f"default_instruction {value!r} is not one of the instructions "
+                f"{sorted(instructions)}"
             )
+        return value
+
+    @field_validator("categories")
+    @classmethod
+    def _categories_valid(cls, value: dict[str, list[str]]) -> dict[str, list[str]]:
         reserved = {CONTROL_CATEGORY, NOISE_FLOOR_CATEGORY}
         seen: dict[str, str] = {}
-        for category, phrases in self.categories.items():
+        for category, phrases in value.items():
             if category in reserved:
                 raise ValueError(f"category name {category!r} is reserved; choose another")
             if not phrases:
@@ -97,10 +113,22 @@ class PersonaCatalogue(BaseModel):
                         f"persona {phrase!r} appears in both {seen[phrase]!r} and {category!r}"
                     )
                 seen[phrase] = category
-        for phrase in [*self.controls, *(self.noise_floor or ())]:
+        return value
+
+    @field_validator("controls", "noise_floor")
+    @classmethod
+    def _not_in_categories(cls, value: Any, info: ValidationInfo) -> Any:
+        categories = info.data.get("categories") or {}
+        seen = {p: c for c, phrases in categories.items() for p in phrases}
+        for phrase in value or ():
+            if not phrase.strip():
+                raise ValueError(f"{info.field_name} has an empty persona phrase")
             if phrase in seen:
-                raise ValueError(f"persona {phrase!r} is both a control and in {seen[phrase]!r}")
-        return self
+                raise ValueError(
+                    f"persona {phrase!r} is in {info.field_name} and in category "
+                    f"{seen[phrase]!r}"
+                )
+        return value
 
     # -- lookups -----------------------------------------------------------------------
 

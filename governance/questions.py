@@ -120,6 +120,8 @@ def _from_record(where: str, row: dict[str, Any]) -> Question:
                 choices = json.loads(choices)
             except json.JSONDecodeError as exc:
                 raise QuestionSetError(f"{where}: choices is not a list: {choices!r}") from exc
+        if not isinstance(choices, (list, tuple, np.ndarray)):
+            raise QuestionSetError(f"{where}: choices is not a list: {choices!r}")
         answer = row.get("answer")
         if isinstance(answer, str) and answer.strip().isdigit():
             answer = int(answer)
@@ -136,25 +138,35 @@ def _from_record(where: str, row: dict[str, Any]) -> Question:
 
 def _load_mmlu_csv(path: Path, subject: str | None = None) -> list[Question]:
     """The original MMLU CSV: no header; question, A, B, C, D, answer."""
+    # The file stem minus the split suffix is the subject exactly as cais/mmlu spells it
+    # (e.g. `high_school_physics`), so one question gets one id whichever layout it came in.
     subject = subject or path.stem.removesuffix("_test").removesuffix("_dev").removesuffix("_val")
-    subject = subject.replace("_", " ")
     out = []
+    skipped = 0
     with path.open(newline="") as fh:
         for n, row in enumerate(csv.reader(fh), start=1):
             if not row:
+                continue
+            if row[0].strip().lower() == "question":  # a (stray) header row
+                skipped += 1
                 continue
             if len(row) != 6:
                 raise QuestionSetError(
                     f"{path}:{n}: expected 6 columns (question, A, B, C, D, answer), got {len(row)}"
                 )
             out.append(_make(f"{path}:{n}", subject, row[0], row[1:5], row[5]))
+    if skipped:
+        log.warning("%s: skipped %d stray header row(s)", path, skipped)
     return out
 
 
 def _has_header(path: Path) -> bool:
     with path.open(newline="") as fh:
         first = next(csv.reader(fh), [])
-    return "question" in [c.strip().lower() for c in first]
+    columns = [c.strip().lower() for c in first]
+    if columns == ["question", "a", "b", "c", "d", "answer"]:
+        return False  # the original layout with a header row; _load_mmlu_csv skips it
+    return "question" in columns
 
 
 def load_questions(path: str | Path, layout: Layout = "auto") -> list[Question]:

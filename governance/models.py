@@ -1,0 +1,344 @@
+"""Loading a causal LM for auditing: from a Hugging Face directory, a GGUF file or MLflow.
+
+Every source ends as a `LoadedModel`: the model in eval mode with gradients off, on the
+requested device and dtype, a fast tokenizer (patching needs character offsets), the
+model's `Anatomy`, and an `identity` dict that an audit records so its results can be tied
+to exactly the weights that produced them. Nothing is fetched from a model hub: local paths
+load with `local_files_only=True`, and MLflow URIs resolve through the configured tracking
+server and artifact store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from governance.architectures import LAYOUTS, SUPPORTED_ARCHITECTURES, Anatomy, anatomy_of
+from governance.errors import ModelLoadError
+
+__all__ = ["LoadedModel", "load_model", "save_as_hf_dir", "weights_fingerprint"]
+
+_MLFLOW_SCHEMES = ("models:/", "runs:/")
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+_FINGERPRINT_ELEMENTS = 4096
+_EXPECTED = (
+    "expected a Hugging Face model directory (with config.json), a .gguf file, or an MLflow "
+    "model URI (models:/name/version, models:/name@alias, models:/m-<id>, runs:/<run_id>/<path>)"
+)
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for auditing, with its tokenizer, anatomy and identity record."""
+
+    model: nn.Module
+    tokenizer: Any  # a transformers fast tokenizer
+    anatomy: Anatomy
+    identity: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's parameters."""
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Floating-point dtype of the model's parameters."""
+        return next(self.model.parameters()).dtype
+
+
+def load_model(
+    source: str | os.PathLike[str],
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str = "sdpa",
+) -> LoadedModel:
+    """Load a causal LM and its fast tokenizer for auditing.
+
+    `source` is a Hugging Face model directory, a `.gguf` file (dequantised by transformers
+    to fp32), or an MLflow model URI (`models:/name/version`, `models:/name@alias`,
+    `models:/m-<id>`, `runs:/<run_id>/<path>`). `device` None/"auto" picks CUDA when present;
+    `dtype` None picks bfloat16 on CUDA and float32 on CPU. Any failure, including an
+    unsupported architecture, raises `ModelLoadError` naming the source.
+    """
+    target_device = _resolve_device(device)
+    target_dtype = _resolve_dtype(dtype, target_device)
+    text = os.fspath(source)
+    if isinstance(text, bytes):  # os.PathLike[bytes]
+        text = text.decode()
+
+    if text.startswith(_MLFLOW_SCHEMES):
+        kind = "mlflow"
+        shown = _redact_uri(text)
+        model, tokenizer = _load_mlflow(text, shown, target_dtype, trust_remote_code)
+        _set_attn_implementation(model, attn_implementation)
+    else:
+        path = Path(text).expanduser()
+        shown = str(path.resolve()) if path.exists() else text
+        if path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ModelLoadError(f"model source {text!r} has no config.json: {_EXPECTED}")
+            kind = "hf_dir"
+            _check_config_model_type(path / "config.json", text)
+            model, tokenizer = _load_pretrained(
+                path, None, text, target_dtype, trust_remote_code, attn_implementation
+            )
+        elif path.is_file():
+            if path.suffix.lower() != ".gguf":
+                raise ModelLoadError(
+                    f"model source {text!r} is a file but not a .gguf file: {_EXPECTED}"
+                )
+            kind = "gguf"
+            model, tokenizer = _load_pretrained(
+                path.parent, path.name, text, target_dtype, trust_remote_code,
+                attn_implementation,
+            )
+        elif re.match(r"^[A-Za-z][\w+.-]*:/", text):
+            raise ModelLoadError(
+                f"model source {text!r} uses an unsupported URI scheme: {_EXPECTED}"
+            )
+        else:
+            raise ModelLoadError(f"model source {text!r} does not exist: {_EXPECTED}")
+
+    anatomy = anatomy_of(model)  # raises ModelLoadError listing the supported architectures
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelLoadError(
+            f"model source {shown!r}: the tokenizer ({type(tokenizer).__name__}) is not a fast "
+            "tokenizer; persona patching needs character offsets, which only fast "
+            "(tokenizers-backed) tokenizers provide"
+        )
+    try:
+        model.to(device=target_device, dtype=target_dtype)
+    except Exception as exc:  # e.g. CUDA out of memory
+        raise ModelLoadError(
+            f"model source {shown!r}: could not move the model to {target_device} "
+            f"as {_dtype_name(target_dtype)}: {exc}"
+        ) from exc
+    model.eval()
+    model.requires_grad_(False)
+    identity = _identity(model, anatomy, shown, kind)
+    return LoadedModel(model=model, tokenizer=tokenizer, anatomy=anatomy, identity=identity)
+
+
+def save_as_hf_dir(model: nn.Module, tokenizer: Any, path: str | os.PathLike[str]) -> Path:
+    """Write a model (typically dequantised from GGUF) and tokenizer as safetensors + config.
+
+    A GGUF file takes seconds to dequantise on every load; converting it once gives a plain
+    directory that reloads in well under a second with identical logits. transformers refuses
+    to save a GGUF-loaded model while its GGUF quantizer is attached, so it is detached here
+    (the weights are already dequantised, so nothing is lost).
+    """
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A sampled sha256 fingerprint of the weights (not a hash of every byte).
+
+    For every named parameter in name order it hashes the name, shape, dtype and the first
+    4096 elements (flattened, as float32 on CPU). That is cheap even for large models and
+    catches a different checkpoint or a changed dtype, but an edit beyond the first 4096
+    elements of every tensor would go unnoticed.
+    """
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+            digest.update(name.encode())
+            digest.update(b"\0")
+            digest.update(str(tuple(param.shape)).encode())
+            digest.update(b"\0")
+            digest.update(str(param.dtype).encode())
+            digest.update(b"\0")
+            head = param.detach().reshape(-1)[:_FINGERPRINT_ELEMENTS]
+            digest.update(head.to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _resolve_device(device: str | None) -> torch.device:
+    if device is None or device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ModelLoadError(
+            f"unknown device {device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"
+        ) from exc
+    if parsed.type == "cpu":
+        return parsed
+    if parsed.type != "cuda":
+        raise ModelLoadError(
+            f"unsupported device {device!r}: expected 'auto', 'cpu', 'cuda' or 'cuda:N'"
+        )
+    if not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} requested but CUDA is not available here")
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise ModelLoadError(
+            f"device {device!r} requested but only {torch.cuda.device_count()} CUDA "
+            "device(s) are available"
+        )
+    return parsed
+
+
+def _resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    resolved = _DTYPES.get(str(dtype).lower())
+    if resolved is None:
+        raise ModelLoadError(
+            f"unsupported dtype {dtype!r}: expected one of {', '.join(_DTYPES)}"
+        )
+    return resolved
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _redact_uri(uri: str) -> str:
+    """Drop any `user:password@` from a URI so credentials never reach an audit record."""
+    return re.sub(r"^([A-Za-z][\w+.-]*:)//[^/@]*@", r"\1//", uri)
+
+
+def _check_config_model_type(config_path: Path, source: str) -> None:
+    """Refuse an unsupported architecture before loading (possibly many GB of) weights."""
+    try:
+        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelLoadError(f"model source {source!r}: cannot read {config_path}: {exc}") from exc
+    if model_type not in LAYOUTS:
+        raise ModelLoadError(
+            f"model source {source!r}: unsupported architecture {model_type!r}; supported "
+            f"model types: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+
+
+def _load_pretrained(
+    directory: Path,
+    gguf_file: str | None,
+    source: str,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    attn_implementation: str,
+) -> tuple[nn.Module, Any]:
+    """Model and tokenizer from a local directory, optionally from a GGUF file inside it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    common: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
+    if gguf_file is not None:
+        common["gguf_file"] = gguf_file
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            directory, dtype=dtype, attn_implementation=attn_implementation, **common
+        )
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the model from {source!r}: {exc}") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, **common)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the tokenizer from {source!r}: {exc}") from exc
+    return model, tokenizer
+
+
+def _load_mlflow(
+    uri: str, shown: str, dtype: torch.dtype, trust_remote_code: bool
+) -> tuple[nn.Module, Any]:
+    """Model and tokenizer of an MLflow transformers-flavour model."""
+    import mlflow
+    import transformers
+
+    try:
+        flavors = mlflow.models.get_model_info(uri).flavors
+    except Exception as exc:
+        raise ModelLoadError(f"could not resolve the MLflow model {shown!r}: {exc}") from exc
+    flavor = flavors.get("transformers")
+    if flavor is None:
+        raise ModelLoadError(
+            f"MLflow model {shown!r} has no transformers flavour (flavours: "
+            f"{', '.join(sorted(flavors)) or 'none'}): expected a model logged with "
+            "mlflow.transformers.log_model"
+        )
+    # MLflow loads classes that transformers does not ship with trust_remote_code=True on its
+    # own; honour the caller's trust_remote_code=False by refusing such models up front.
+    classes = [flavor.get("pipeline_model_type")] + [
+        flavor.get(f"{name}_type") for name in flavor.get("components", [])
+    ]
+    custom = [name for name in classes if name and not hasattr(transformers, name)]
+    if custom and not trust_remote_code:
+        raise ModelLoadError(
+            f"MLflow model {shown!r} uses custom code ({', '.join(custom)}); pass "
+            "trust_remote_code=True to load it"
+        )
+    try:
+        components = mlflow.transformers.load_model(uri, return_type="components", dtype=dtype)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load the MLflow model {shown!r}: {exc}") from exc
+    model = components.get("model")
+    tokenizer = components.get("tokenizer")
+    if model is None or tokenizer is None:
+        raise ModelLoadError(
+            f"MLflow model {shown!r} has components {sorted(components)}: expected a model "
+            "and a tokenizer"
+        )
+    return model, tokenizer
+
+
+def _set_attn_implementation(model: nn.Module, attn_implementation: str) -> None:
+    """Switch attention kernels when the model supports it; otherwise keep what it has."""
+    config = getattr(model, "config", None)
+    if getattr(config, "_attn_implementation", None) == attn_implementation:
+        return
+    try:
+        model.set_attn_implementation(attn_implementation)  # type: ignore[operator]
+    except Exception:  # noqa: BLE001 - not every model supports every implementation
+        pass
+
+
+def _identity(model: nn.Module, anatomy: Anatomy, source: str, kind: str) -> dict[str, Any]:
+    """A JSON-serialisable record of which model this is, for the audit trail."""
+    import transformers
+
+    config = model.config  # type: ignore[attr-defined]
+    config_json = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    param = next(model.parameters())
+    return {
+        "source": source,
+        "source_kind": kind,
+        "model_class": type(model).__name__,
+        "model_type": anatomy.model_type,
+        "n_params": int(sum(p.numel() for p in model.parameters())),
+        "n_layers": anatomy.n_layers,
+        "n_heads": anatomy.n_heads,
+        "n_kv_heads": anatomy.n_kv_heads,
+        "head_dim": anatomy.head_dim,
+        "config_sha256": hashlib.sha256(config_json.encode()).hexdigest(),
+        "weights_fingerprint": weights_fingerprint(model),
+        "dtype": _dtype_name(param.dtype),
+        "device": str(param.device),
+        "transformers_version": transformers.__version__,
+        "torch_version": torch.__version__,
+    }
