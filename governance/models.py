@@ -314,7 +314,7 @@ def _set_attn_implementation(model: nn.Module, attn_implementation: str) -> None
         return
     try:
         model.set_attn_implementation(attn_implementation)  # type: ignore[operator]
-    except Exception:  # noqa: BLE001 - not every model supports every implementation
+    except Exception:  # not every model supports every attention implementation
         pass
 
 
@@ -322,8 +322,9 @@ def _identity(model: nn.Module, anatomy: Anatomy, source: str, kind: str) -> dic
     """A JSON-serialisable record of which model this is, for the audit trail."""
     import transformers
 
-    config = model.config  # type: ignore[attr-defined]
-    config_json = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    config = model.config.to_dict()  # type: ignore[attr-defined]
+    config.pop("_name_or_path", None)  # where it was loaded from: in `source`, not the config
+    config_json = json.dumps(config, sort_keys=True, default=str)
     param = next(model.parameters())
     return {
         "source": source,

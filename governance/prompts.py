@@ -105,7 +105,15 @@ class PromptBuilder:
             if system is None:
                 raise PromptError(f"the chat template failed on a user message: {exc}") from exc
             merged = [{"role": "user", "content": f"{system}\n\n{user}"}]
-            return tok.apply_chat_template(merged, tokenize=False, add_generation_prompt=True)
+            try:
+                return tok.apply_chat_template(
+                    merged, tokenize=False, add_generation_prompt=True
+                )
+            except Exception as exc2:
+                raise PromptError(
+                    f"the chat template failed with a system message ({exc}) and with the "
+                    f"instruction merged into the user message ({exc2})"
+                ) from exc2
 
     def encode(self, persona: str | None, question: Question) -> PersonaPrompt:
         text, span = self.render(persona, question)
