@@ -253,8 +253,11 @@ def _questions(spec: AuditSpec, given: list[Question] | None) -> tuple[list[Ques
         return sample_questions(given, spec.n_questions, spec.seed), None
     if not spec.questions:
         raise ConfigError("no question set: set `questions` in the spec or pass --questions")
-    loaded = load_questions(spec.questions, spec.questions_layout)
-    return sample_questions(loaded, spec.n_questions, spec.seed), file_sha256(spec.questions)
+    from governance.assets import resolve
+
+    path = resolve(spec.questions, "questions")
+    loaded = load_questions(path, spec.questions_layout)
+    return sample_questions(loaded, spec.n_questions, spec.seed), file_sha256(path)
 
 
 def run_audit(

@@ -45,9 +45,12 @@ def _add_audit(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", required=True,
-                   help="HF model directory, .gguf file, or MLflow URI (models:/name/1, "
-                        "models:/name@alias, runs:/id/path)")
-    p.add_argument("--questions", help="question file (JSONL/JSON/Parquet/CSV) or MMLU CSV dir")
+                   help="HF model directory, .gguf file, MLflow URI (models:/name/1, "
+                        "models:/name@alias, runs:/id/path), or the pinned asset "
+                        "'smollm2-135m-instruct'")
+    p.add_argument("--questions",
+                   help="question file (JSONL/JSON/Parquet/CSV), MMLU CSV dir, or the pinned "
+                        "asset 'mmlu' (14,042 MMLU test questions)")
     p.add_argument("--spec", help="audit spec YAML; options given here override it")
     p.add_argument("--personas", help="persona catalogue YAML (default: the packaged one)")
     p.add_argument("--categories", nargs="+", metavar="CATEGORY",
@@ -77,12 +80,13 @@ def _add_audit(sub) -> None:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
+    from governance.assets import resolve
     from governance.audit import AuditSpec, run_audit
     from governance.models import load_model
 
     spec = AuditSpec.from_yaml(args.spec) if args.spec else AuditSpec()
     spec = spec.with_overrides(
-        questions=args.questions,
+        questions=resolve(args.questions, "questions") if args.questions else None,
         personas=args.personas,
         categories=args.categories,
         pairs=[tuple(p) for p in args.pair] if args.pair else None,
@@ -94,7 +98,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         attention=False if args.no_attention else None,
     )
     log.info("loading model %s", args.model)
-    loaded = load_model(args.model, device=args.device, dtype=args.dtype,
+    loaded = load_model(resolve(args.model, "gguf"), device=args.device, dtype=args.dtype,
                         trust_remote_code=args.trust_remote_code)
     result = run_audit(loaded, spec, chunk_rows=args.chunk_rows, progress=not args.no_progress)
     out = _replace_dir(Path(args.out), result.save)

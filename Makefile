@@ -1,0 +1,40 @@
+# persona-governance: the two commands.
+#   make test   set up .venv (once) and run the whole test suite, as CI does
+#   make audit  set up .venv (once), fetch the pinned SmolLM2 + MMLU assets, run an audit
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+
+.PHONY: setup test test-fast lint audit clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned: an open range would pull a multi-GB CUDA build
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	rm -f $(VENV)/.installed-*; touch $@
+
+# pytest exits 5 when it collects nothing: that is a failure here, with a message
+test: setup
+	$(BIN)/ruff check governance tests benchmarks
+	HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q tests; \
+	  rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
+
+test-fast: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not e2e" tests
+
+lint: setup
+	$(BIN)/ruff check governance tests benchmarks
+
+audit: setup
+	HF_HUB_OFFLINE=1 $(BIN)/persona-gov audit --model smollm2-135m-instruct \
+	  --questions mmlu --n-questions 20 --pair "a Black person" "a White person" \
+	  --components mlp_out:identity mlp_out:all attn_out:identity attn_out:last head:last \
+	  --out out/smollm2-audit
+
+clean:
+	rm -rf $(VENV) out
