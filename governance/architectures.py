@@ -23,10 +23,12 @@ class _Layout:
     o_proj: str  # attribute of the attention module: the output projection
     n_heads: str  # config attribute: number of query heads
     n_kv_heads: str | None  # config attribute: number of key/value heads (None: = n_heads)
+    final_norm: str  # attribute of the base model: the norm before the unembedding
 
 
 _LLAMA_LIKE = _Layout(
-    "model", "layers", "self_attn", "mlp", "o_proj", "num_attention_heads", "num_key_value_heads"
+    "model", "layers", "self_attn", "mlp", "o_proj", "num_attention_heads",
+    "num_key_value_heads", "norm",
 )
 
 LAYOUTS: dict[str, _Layout] = {
@@ -37,9 +39,10 @@ LAYOUTS: dict[str, _Layout] = {
     "gemma2": _LLAMA_LIKE,
     "gemma3_text": _LLAMA_LIKE,
     "phi3": _LLAMA_LIKE,
-    "gpt2": _Layout("transformer", "h", "attn", "mlp", "c_proj", "n_head", None),
+    "gpt2": _Layout("transformer", "h", "attn", "mlp", "c_proj", "n_head", None, "ln_f"),
     "gpt_neox": _Layout(
-        "gpt_neox", "layers", "attention", "mlp", "dense", "num_attention_heads", None
+        "gpt_neox", "layers", "attention", "mlp", "dense", "num_attention_heads", None,
+        "final_layer_norm",
     ),
 }
 SUPPORTED_ARCHITECTURES = tuple(sorted(LAYOUTS))
@@ -62,6 +65,9 @@ class Anatomy:
     head_dim: int
     d_model: int
     layers: nn.ModuleList
+    final_norm: nn.Module
+    lm_head: nn.Module
+    logit_softcap: float | None
     _layout: _Layout
 
     def layer(self, i: int) -> nn.Module:
@@ -92,6 +98,19 @@ class Anatomy:
 
     def o_proj_bias(self, i: int) -> torch.Tensor | None:
         return getattr(self.o_proj(i), "bias", None)
+
+    def unembed(self, hidden: torch.Tensor, token_ids: list[int] | None = None) -> torch.Tensor:
+        """Logits from final-layer hidden states (..., d_model), optionally only for
+        `token_ids`, exactly as the model's own head computes them (norm, lm_head, softcap)."""
+        h = self.final_norm(hidden)
+        weight, bias = self.lm_head.weight, getattr(self.lm_head, "bias", None)
+        if token_ids is not None:
+            weight = weight[token_ids]
+            bias = bias[token_ids] if bias is not None else None
+        logits = torch.nn.functional.linear(h, weight, bias)
+        if self.logit_softcap:
+            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
+        return logits
 
 
 def anatomy_of(model: nn.Module) -> Anatomy:
@@ -126,6 +145,9 @@ def anatomy_of(model: nn.Module) -> Anatomy:
         head_dim=head_dim,
         d_model=d_model,
         layers=layers,
+        final_norm=_get(base, layout.final_norm),
+        lm_head=model.get_output_embeddings(),
+        logit_softcap=getattr(config, "final_logit_softcapping", None),
         _layout=layout,
     )
     o_in = anatomy.o_proj_per_head(0)

@@ -118,8 +118,11 @@ class AuditSpec(BaseModel):
         if not isinstance(raw, dict):
             raise ConfigError(f"audit spec {path} must be a mapping of fields")
         base = Path(path).parent
+        from governance.assets import ASSETS
+
         for key in ("questions", "personas"):  # paths in a spec are relative to the spec
-            if isinstance(raw.get(key), str) and not Path(raw[key]).is_absolute():
+            value = raw.get(key)
+            if isinstance(value, str) and value not in ASSETS and not Path(value).is_absolute():
                 raw[key] = str((base / raw[key]).resolve())
         try:
             return cls.model_validate(raw)
