@@ -294,7 +294,10 @@ def run_audit(
     )
     builder = PromptBuilder(loaded.tokenizer, fmt)
     option_ids = builder.option_ids()
-    patches = sweep(loaded.anatomy, spec.sweeps, spec.layers)
+    try:
+        patches = sweep(loaded.anatomy, spec.sweeps, spec.layers)
+    except ValueError as exc:
+        raise ConfigError(f"spec layers: {exc}") from exc
     answers = np.array([q.answer_index for q in qs])
 
     # prompts first: every error about personas or alignment surfaces before any compute
