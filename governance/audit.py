@@ -55,6 +55,10 @@ BEHAVIOUR_COLUMNS = [
     "persona", "category", "accuracy", "ci_low", "ci_high", "delta", "delta_neutral",
     "flip_rate", "tv", "mcnemar_p", "n_questions",
 ]
+SCREEN_COLUMNS = [
+    "component", "layer", "head", "positions", "category", "clean_persona", "corrupt_persona",
+    "estimate", "exact",
+]
 PAIR_COLUMNS = [
     "clean_persona", "corrupt_persona", "category", "kind", "n_questions", "shift_norm",
     "constant_share", "floor_ratio", "above_floor", "accuracy_delta", "flip_rate", "tv",
@@ -88,6 +92,12 @@ class AuditSpec(BaseModel):
     bootstrap: int = Field(1000, ge=0)
     attention: bool = True
     behaviour: bool = True
+    screen: Literal["off", "atp"] = Field(
+        "off", description="atp: estimate every patch by attribution patching first"
+    )
+    exact_top_k: int | None = Field(
+        None, gt=0, description="with screen atp: exact-patch only the top k of each sweep"
+    )
 
     @field_validator("components")
     @classmethod
@@ -148,6 +158,7 @@ class AuditResult:
     pairs: pd.DataFrame
     meta: dict[str, Any]
     prompts: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    screen: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SCREEN_COLUMNS))
 
     TABLES = ("scores", "attention", "behaviour", "pairs")
 
@@ -157,6 +168,8 @@ class AuditResult:
         out.mkdir(parents=True, exist_ok=True)
         for name in self.TABLES:
             getattr(self, name).to_csv(out / f"{name}.csv", index=False)
+        if not self.screen.empty:
+            self.screen.to_csv(out / "screen.csv", index=False)
         (out / "audit.json").write_text(json.dumps(self.meta, indent=2, default=str) + "\n")
         with (out / "prompts.jsonl").open("w") as fh:
             for record in self.prompts:
@@ -179,6 +192,10 @@ class AuditResult:
             if prompts_path.exists()
             else []
         )
+        screen = out / "screen.csv"
+        if screen.exists():
+            tables["screen"] = pd.read_csv(screen)
+            tables["screen"]["head"] = tables["screen"]["head"].astype("Int64")
         return cls(**tables, meta=json.loads((out / "audit.json").read_text()), prompts=prompts)
 
     @property
@@ -318,21 +335,31 @@ def run_audit(
 
     engine = PatchingEngine(loaded.model, loaded.anatomy, chunk_rows=chunk_rows)
     bar = _progress(len(aligned) * len(qs), "patching", progress)
-    runs: dict[PersonaPair, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    runs: dict[PersonaPair, _PairScores] = {}
+    screens: list[pd.DataFrame] = []
     t1 = time.perf_counter()
     for pair, prompts in aligned.items():
+        chosen = patches
+        estimate = None
+        if spec.screen == "atp":
+            estimate = _atp(loaded, prompts, patches, option_ids)
+            chosen = _top_k(patches, estimate, spec.exact_top_k)
         clean, corrupt, patched = [], [], []
         for ap in prompts:
-            run = engine.run(ap.clean_ids, ap.corrupt_ids, ap.identity, patches, option_ids)
+            run = engine.run(ap.clean_ids, ap.corrupt_ids, ap.identity, chosen, option_ids)
             clean.append(run.clean.cpu().numpy())
             corrupt.append(run.corrupt.cpu().numpy())
             patched.append(run.patched.cpu().numpy())
             bar.update(1)
-        runs[pair] = (np.stack(patched, axis=1), np.stack(clean), np.stack(corrupt))
+        runs[pair] = _PairScores(chosen, np.stack(patched, axis=1), np.stack(clean),
+                                 np.stack(corrupt))
+        if estimate is not None:
+            screens.append(_screen_rows(pair, patches, estimate))
     bar.close()
     timings["patching"] = time.perf_counter() - t1
 
-    scores = _score_table(runs, patches, spec)
+    scores = _score_table(runs, spec)
+    screen = _screen_table(screens, scores)
 
     t2 = time.perf_counter()
     persona_logits, masses = _persona_pass(loaded, builder, pairs, catalogue, qs, spec, progress)
@@ -378,7 +405,9 @@ def run_audit(
         for pair, aps in aligned.items()
         for i, ap in enumerate(aps)
     ]
-    return AuditResult(scores, attention, behaviour, pair_table, meta, prompts)
+    if not screen.empty:
+        meta["screen_agreement"] = screen_agreement(screen)
+    return AuditResult(scores, attention, behaviour, pair_table, meta, prompts, screen)
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -387,11 +416,84 @@ def _progress(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled, unit="prompt", leave=False)
 
 
-def _score_table(runs, patches, spec: AuditSpec) -> pd.DataFrame:
+@dataclass
+class _PairScores:
+    """Option logits of one pair over the questions: patched (patch, q, option)."""
+
+    patches: list
+    patched: np.ndarray
+    clean: np.ndarray
+    corrupt: np.ndarray
+
+
+def _atp(loaded, prompts, patches, option_ids) -> np.ndarray:
+    """AtP-estimated restoration score of every patch for one pair (never exact)."""
+    from governance.patching.attribution import atp_numerators, screen_scores
+
+    nums, dens = [], []
+    for ap in prompts:
+        n, d = atp_numerators(loaded.model, loaded.anatomy, ap.clean_ids, ap.corrupt_ids,
+                              ap.identity, patches, option_ids)
+        nums.append(n)
+        dens.append(d)
+    return screen_scores(np.stack(nums), np.array(dens))
+
+
+def _top_k(patches, estimate: np.ndarray, k: int | None) -> list:
+    """Per (component, positions) sweep, the k patches with the largest |estimate|."""
+    if k is None:
+        return list(patches)
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, p in enumerate(patches):
+        groups.setdefault((p.component, p.positions), []).append(i)
+    keep: set[int] = set()
+    for members in groups.values():
+        ranked = sorted(members, key=lambda i: -abs(np.nan_to_num(estimate[i])))
+        keep.update(ranked[:k])
+    return [p for i, p in enumerate(patches) if i in keep]
+
+
+def _screen_rows(pair: PersonaPair, patches, estimate: np.ndarray) -> pd.DataFrame:
+    return pd.DataFrame({
+        "component": [p.component for p in patches],
+        "layer": [p.layer for p in patches],
+        "head": pd.array([p.head for p in patches], dtype="Int64"),
+        "positions": [p.positions for p in patches],
+        "category": pair.category,
+        "clean_persona": pair.clean.phrase,
+        "corrupt_persona": pair.corrupt.phrase,
+        "estimate": estimate,
+    })
+
+
+def _screen_table(screens: list[pd.DataFrame], scores: pd.DataFrame) -> pd.DataFrame:
+    """AtP estimates beside the exact score where exact patching also ran."""
+    if not screens:
+        return pd.DataFrame(columns=SCREEN_COLUMNS)
+    keys = ["component", "layer", "head", "positions", "clean_persona", "corrupt_persona"]
+    frame = pd.concat(screens, ignore_index=True)
+    exact = scores[keys + ["score"]].rename(columns={"score": "exact"})
+    return frame.merge(exact, on=keys, how="left")[SCREEN_COLUMNS]
+
+
+def screen_agreement(screen: pd.DataFrame, k: int = 20) -> dict[str, dict[str, float]]:
+    """How well the AtP screen agreed with exact patching, per sweep, where both ran."""
+    from governance.patching.attribution import agreement
+
+    out: dict[str, dict[str, float]] = {}
+    both = screen.dropna(subset=["exact"])
+    for (component, positions), group in both.groupby(["component", "positions"]):
+        out[f"{component}:{positions}"] = agreement(group["estimate"].to_numpy(),
+                                                    group["exact"].to_numpy(), k)
+    return out
+
+
+def _score_table(runs: dict[PersonaPair, _PairScores], spec: AuditSpec) -> pd.DataFrame:
     rows = []
-    for pair, (patched, clean, corrupt) in runs.items():
+    for pair, run in runs.items():
+        patched, clean, corrupt = run.patched, run.clean, run.corrupt
         res = restoration(patched, clean, corrupt, n_boot=spec.bootstrap, seed=spec.seed)
-        for i, p in enumerate(patches):
+        for i, p in enumerate(run.patches):
             rows.append((
                 p.component, p.layer, p.head, p.positions, pair.category, pair.clean.phrase,
                 pair.corrupt.phrase, res.score[i], res.ci_low[i], res.ci_high[i], clean.shape[0],
@@ -482,9 +584,10 @@ def _pair_table(aligned, runs, persona_logits, answers) -> pd.DataFrame:
         return np.linalg.norm(centre(clean) - centre(corrupt), axis=1)
 
     floor = next((p for p in runs if p.kind == "noise_floor"), None)
-    floor_norms = norms(*runs[floor][1:]) if floor is not None else None
+    floor_norms = norms(runs[floor].clean, runs[floor].corrupt) if floor is not None else None
     rows = []
-    for pair, (_, clean, corrupt) in runs.items():
+    for pair, run in runs.items():
+        clean, corrupt = run.clean, run.corrupt
         shift = persona_shift(clean, corrupt)
         cmp = compare(persona_logits[pair.clean.phrase], persona_logits[pair.corrupt.phrase],
                       answers)

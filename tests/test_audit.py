@@ -207,3 +207,31 @@ def test_spec_yaml_errors_name_the_field(tmp_path):
     text = str(err.value)
     assert "n_questions" in text and "components" in text and "foo" in text
     assert str(bad) in text
+
+
+def test_atp_screen_then_exact_top_k(tokenizer):
+    """The screen estimates every patch; exact patching runs on the top k of each sweep and
+    the audit records the agreement on what both computed. The planted head leads both."""
+    loaded = _loaded(tokenizer, num_hidden_layers=4)
+    anatomy = loaded.anatomy
+    with torch.no_grad():
+        for layer in range(anatomy.n_layers):
+            w = anatomy.o_proj(layer).weight
+            for head in range(anatomy.n_heads):
+                cols = slice(head * anatomy.head_dim, (head + 1) * anatomy.head_dim)
+                w[:, cols] *= 4.0 if (layer, head) == (2, 1) else 0.0
+    spec = SPEC.model_copy(update={"components": ("head:all", "mlp_out:identity"),
+                                   "screen": "atp", "exact_top_k": 3, "attention": False,
+                                   "noise_floor": False})
+    result = run_audit(loaded, spec, questions=_questions(), progress=False)
+    screen = result.screen
+    assert len(screen) == 2 * (16 + 4)  # every patch estimated, for both pairs
+    heads = result.scores[result.scores.component == "head"]
+    assert len(heads) == 2 * 3  # exact only on the top 3 heads per pair
+    assert screen["exact"].notna().sum() == len(result.scores)
+    for _, group in screen[screen.component == "head"].groupby("clean_persona"):
+        top = group.loc[group["estimate"].abs().idxmax()]
+        assert (top["layer"], top["head"]) == (2, 1)
+    agreement = result.meta["screen_agreement"]["head:all"]
+    assert agreement["n"] == 6
+    assert -1.0 <= agreement["spearman"] <= 1.0
