@@ -1,0 +1,392 @@
+"""The per-audit report page: one self-contained HTML file a risk reviewer reads first.
+
+    from governance.report import render_report
+    render_report(result, "out/report.html", verdict=verdict, drift=drift)
+
+Order: verdict and failed rules first, then the noise floor, behaviour, pairs, the per-head
+heatmaps and per-layer curves, attention to identity, drift against the baseline, and the
+spec, model identity and software versions last. Figures are inline base64 PNGs and every
+style is inline, so the page needs no network, no scripts and no storage: it renders inside
+MLflow's artifact viewer (a sandboxed iframe with a null origin). The same PNGs and a JSON
+summary are written beside the HTML, because a table or picture should never exist only
+inside a page.
+
+`verdict` and `drift` are duck-typed so this module imports neither the policy nor the drift
+code: a verdict has `.status`, `.findings` (rule, scope, observed, threshold, severity,
+outcome, evidence) and `.summary`; a drift result has `.drift_share`, `.top_changes` and
+optionally `.files` (paths of its PNGs), `.tables` and `.notes`.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from governance.audit import AuditResult
+
+OUTCOME_ORDER = {"fail": 0, "error": 0, "warn": 1, "missing": 1}  # anything else sorts after
+STATUS_COLOURS = {"pass": "#1a7f37", "warn": "#9a6700", "fail": "#cf222e"}
+
+
+# -- figures (matplotlib's object API: no pyplot, no global backend state) ------------------
+
+
+def new_figure(n_panels: int, *, ncols: int = 4, panel: tuple[float, float] = (3.2, 2.8)):
+    """A Figure with a grid of `n_panels` axes (unused cells hidden) and its flat axes list."""
+    from matplotlib.figure import Figure
+
+    ncols = max(1, min(ncols, n_panels))
+    nrows = math.ceil(n_panels / ncols)
+    fig = Figure(figsize=(panel[0] * ncols + 0.8, panel[1] * nrows + 0.6), layout="constrained")
+    axes = list(np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel())
+    for ax in axes[n_panels:]:
+        ax.set_visible(False)
+    return fig, axes[:n_panels]
+
+
+def heatmap_panels(
+    panels: Sequence[tuple[str, pd.DataFrame]],
+    *,
+    title: str,
+    colorbar: str,
+    symmetric: bool = True,
+    cmap: str = "RdBu_r",
+    mark_max: bool = False,
+) -> Figure:
+    """One layers x heads heatmap per panel, all on one colour scale (so panels compare).
+
+    Each frame is indexed by layer with one column per head. `symmetric` centres the scale
+    on zero (for signed scores and changes); `mark_max` outlines the cell of largest |value|.
+    """
+    from matplotlib.patches import Rectangle
+
+    values = np.concatenate([f.to_numpy(dtype=float).ravel() for _, f in panels])
+    finite = values[np.isfinite(values)]
+    vmax = float(np.abs(finite).max()) if finite.size else 1.0
+    vmax = vmax if vmax > 0 else 1.0
+    vmin = -vmax if symmetric else float(finite.min()) if finite.size else 0.0
+    fig, axes = new_figure(len(panels))
+    image = None
+    for ax, (name, frame) in zip(axes, panels, strict=True):
+        data = frame.to_numpy(dtype=float)
+        image = ax.imshow(data, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax,
+                          interpolation="nearest", origin="upper")
+        ax.set_title(name, fontsize=9)
+        ax.set_xlabel("head", fontsize=8)
+        ax.set_ylabel("layer", fontsize=8)
+        ax.set_xticks(range(len(frame.columns)), [str(c) for c in frame.columns], fontsize=7)
+        step = max(1, len(frame.index) // 10)
+        ticks = list(range(0, len(frame.index), step))
+        ax.set_yticks(ticks, [str(frame.index[i]) for i in ticks], fontsize=7)
+        if mark_max and np.isfinite(data).any():
+            r, c = np.unravel_index(np.nanargmax(np.abs(data)), data.shape)
+            ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, lw=1.8, ec="black"))
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.8, label=colorbar)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
+
+def head_matrix(frame: pd.DataFrame, value: str = "score") -> pd.DataFrame:
+    """Pivot a (layer, head, value) frame into layers x heads (missing cells NaN)."""
+    grid = frame.pivot_table(index="layer", columns="head", values=value, aggfunc="mean")
+    grid.index = grid.index.astype(int)
+    grid.columns = grid.columns.astype(int)
+    return grid.sort_index().sort_index(axis=1)
+
+
+def png_bytes(fig: Figure) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def _head_figure(result: AuditResult) -> Figure | None:
+    heads = result.scores[result.scores["component"] == "head"]
+    if heads.empty:
+        return None
+    grouped = heads.groupby(["positions", "category", "layer", "head"], as_index=False)["score"]
+    mean = grouped.mean()
+    panels = [
+        (f"{category} (head:{positions})", head_matrix(part))
+        for (positions, category), part in mean.groupby(["positions", "category"], sort=True)
+    ]
+    return heatmap_panels(panels, title="restoration score per head (mean over a category's "
+                          "pairs)", colorbar="restoration score S")
+
+
+def _layer_figure(result: AuditResult) -> Figure | None:
+    from matplotlib.ticker import MaxNLocator
+
+    curves = result.layer_curves()
+    if curves.empty:
+        return None
+    groups = list(curves.groupby(["component", "positions"], sort=True))
+    fig, axes = new_figure(len(groups), ncols=3, panel=(3.6, 2.6))
+    for ax, ((component, positions), part) in zip(axes, groups, strict=True):
+        for category, line in part.groupby("category", sort=True):
+            line = line.sort_values("layer")
+            ax.plot(line["layer"], line["score"], marker=".", label=category)
+        ax.axhline(0.0, color="grey", lw=0.6)
+        ax.set_title(f"{component}:{positions}", fontsize=9)
+        ax.set_xlabel("layer", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("S", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+    fig.suptitle("restoration score per layer (mean over a category's pairs)", fontsize=10)
+    return fig
+
+
+def _attention_figure(result: AuditResult) -> Figure | None:
+    att = result.attention
+    if att is None or att.empty:
+        return None
+    mean = att.groupby(["category", "layer", "head"], as_index=False)["zscore"].mean()
+    panels = [(str(cat), head_matrix(part, "zscore")) for cat, part in mean.groupby("category")]
+    return heatmap_panels(panels, title="attention from the last position to the identity "
+                          "tokens: z-score across heads", colorbar="z-score")
+
+
+# -- HTML ------------------------------------------------------------------------------------
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:0;
+  padding:16px 24px;color:#1f2328;background:#fff;font-size:14px;line-height:1.4}
+h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:24px 0 8px;border-bottom:1px solid
+  #d0d7de;padding-bottom:4px} .muted{color:#59636e} pre{background:#f6f8fa;padding:8px;
+  overflow:auto;font-size:12px} table{border-collapse:collapse;margin:6px 0;font-size:12px;
+  display:block;overflow-x:auto;max-width:100%}
+th,td{border:1px solid #d0d7de;padding:3px 6px;text-align:left;vertical-align:top}
+th{background:#f6f8fa} td.num{text-align:right;font-variant-numeric:tabular-nums}
+.badge{display:inline-block;padding:2px 10px;border-radius:12px;color:#fff;font-weight:600}
+.row-fail td{background:#ffebe9} .row-warn td{background:#fff8c5} img{max-width:100%;
+  height:auto;border:1px solid #d0d7de;margin:4px 0} .note{background:#f6f8fa;padding:8px;
+  border-left:4px solid #8c959f}
+"""
+
+
+def _esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+        return ""
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list, tuple)):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+def table_html(frame: pd.DataFrame, *, row_class: str | None = None, limit: int | None = None,
+               ) -> str:
+    """An escaped HTML table; `row_class` names a column whose value becomes `row-<value>`."""
+    if frame is None or frame.empty:
+        return '<p class="muted">(empty)</p>'
+    shown = frame.head(limit) if limit else frame
+    cols = list(shown.columns)
+    head = "".join(f"<th>{_esc(c)}</th>" for c in cols)
+    rows = []
+    for _, rec in shown.iterrows():
+        cls = f' class="row-{_esc(rec[row_class])}"' if row_class else ""
+        cells = "".join(
+            f'<td class="num">{_esc(_fmt(rec[c]))}</td>'
+            if isinstance(rec[c], (int, float, np.integer, np.floating))
+            and not isinstance(rec[c], bool) else f"<td>{_esc(_fmt(rec[c]))}</td>"
+            for c in cols
+        )
+        rows.append(f"<tr{cls}>{cells}</tr>")
+    more = (f'<p class="muted">{len(frame) - len(shown)} more rows in the CSV.</p>'
+            if len(shown) < len(frame) else "")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>{more}"
+
+
+def _kv_table(mapping: dict[str, Any]) -> str:
+    rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(_fmt(v))}</td></tr>"
+                   for k, v in mapping.items())
+    return f"<table>{rows}</table>"
+
+
+def _img(png: bytes, alt: str) -> str:
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _verdict_section(verdict: Any) -> str:
+    if verdict is None:
+        return ('<h2>Verdict</h2><p class="note">No policy verdict is attached to this page: '
+                "it shows the audit's evidence only.</p>")
+    status = str(getattr(verdict, "status", "unknown"))
+    colour = STATUS_COLOURS.get(status, "#59636e")
+    parts = [f'<h2>Verdict <span class="badge" style="background:{colour}">{_esc(status)}'
+             "</span></h2>"]
+    summary = getattr(verdict, "summary", None)
+    if isinstance(summary, dict):
+        parts.append(_kv_table(summary))
+    elif summary:
+        parts.append(f"<p>{_esc(summary)}</p>")
+    findings = getattr(verdict, "findings", None)
+    if isinstance(findings, pd.DataFrame) and not findings.empty and "outcome" not in findings:
+        parts.append(table_html(findings))
+    elif isinstance(findings, pd.DataFrame) and not findings.empty:
+        ordered = findings.assign(
+            _order=findings["outcome"].map(lambda o: OUTCOME_ORDER.get(str(o), 2))
+        ).sort_values("_order", kind="stable").drop(columns="_order")
+        flagged = ordered[ordered["outcome"].astype(str) != "pass"]
+        passed = ordered[ordered["outcome"].astype(str) == "pass"]
+        parts.append(f"<h3>Failed and warning rules ({len(flagged)})</h3>")
+        parts.append(table_html(flagged, row_class="outcome") if len(flagged)
+                     else '<p class="muted">none</p>')
+        parts.append(f"<details><summary>Passing rules ({len(passed)})</summary>"
+                     f"{table_html(passed)}</details>")
+    else:
+        parts.append('<p class="muted">The verdict has no findings table.</p>')
+    return "".join(parts)
+
+
+def _drift_section(drift: Any) -> str:
+    if drift is None:
+        return ('<h2>Drift against the baseline</h2><p class="muted">No drift comparison is '
+                "attached to this page.</p>")
+    share = getattr(drift, "drift_share", float("nan"))
+    parts = ["<h2>Drift against the baseline</h2>",
+             f"<p>Evidently drift share (columns flagged over all compared tables): "
+             f"<b>{_esc(_fmt(share))}</b></p>"]
+    tables = getattr(drift, "tables", None)
+    if isinstance(tables, dict) and tables:
+        frame = pd.DataFrame([{"table": k, **{kk: vv for kk, vv in v.items()
+                                              if not isinstance(vv, (list, dict))}}
+                              for k, v in tables.items()])
+        parts.append(table_html(frame))
+    for note in getattr(drift, "notes", None) or []:
+        parts.append(f'<p class="note">{_esc(note)}</p>')
+    top = getattr(drift, "top_changes", None)
+    if isinstance(top, pd.DataFrame):
+        parts.append("<h3>Largest per-layer and per-head changes (current − baseline)</h3>")
+        parts.append(table_html(top, limit=15))
+    files = getattr(drift, "files", None) or {}
+    for key in ("head_change", "layer_curves"):
+        path = files.get(key)
+        if path and Path(path).is_file():
+            parts.append(_img(Path(path).read_bytes(), f"drift {key}"))
+    return "".join(parts)
+
+
+def _audit_sections(result: AuditResult, images: dict[str, bytes]) -> str:
+    meta = result.meta
+    parts = ["<h2>Noise floor</h2>",
+             f'<p class="note">{_esc(meta.get("noise_floor", "no noise-floor statement"))}</p>',
+             "<h2>Behaviour per persona</h2>",
+             '<p class="muted">accuracy with 95% interval; delta against the no-persona '
+             "and neutral baselines; flip rate, TV and McNemar p against no persona.</p>",
+             table_html(result.behaviour),
+             "<h2>Persona pairs</h2>",
+             '<p class="muted">shift_norm is the mean persona-induced logit shift; '
+             "floor_ratio compares it with the paraphrase pair; above_floor needs the "
+             "bootstrap interval of the difference to exclude zero.</p>",
+             table_html(result.pairs)]
+    if "heads" in images:
+        parts += ["<h2>Per-head restoration scores</h2>", _img(images["heads"], "heads")]
+        top = pd.concat([result.top_heads(10, p).assign(positions=p) for p in ("all", "last")])
+        parts.append(table_html(top))
+    if "layers" in images:
+        parts += ["<h2>Per-layer curves</h2>", _img(images["layers"], "layer curves")]
+    if "attention" in images:
+        parts += ["<h2>Attention to identity tokens</h2>", _img(images["attention"], "attention")]
+    return "".join(parts)
+
+
+def _provenance_section(meta: dict[str, Any]) -> str:
+    model = meta.get("model", {}) or {}
+    parts = ["<h2>Spec, model and versions</h2>",
+             f"<p>spec sha256 <code>{_esc(meta.get('spec_sha256', '?'))}</code>, questions "
+             f"sha256 <code>{_esc(meta.get('questions_sha256'))}</code></p>",
+             "<h3>Model</h3>", _kv_table(model),
+             "<h3>Software versions</h3>", _kv_table(meta.get("versions", {}) or {}),
+             "<h3>Timings (s)</h3>", _kv_table(meta.get("timings_s", {}) or {})]
+    if meta.get("skipped_pairs"):
+        parts += ["<h3>Skipped pairs</h3>", table_html(pd.DataFrame(meta["skipped_pairs"]))]
+    spec = json.dumps(meta.get("spec", {}), indent=2, default=str)
+    parts += ["<h3>Audit spec</h3>", f"<pre>{_esc(spec)}</pre>"]
+    return "".join(parts)
+
+
+def render_report(
+    result: AuditResult,
+    out_path: str | Path,
+    verdict: Any = None,
+    drift: Any = None,
+) -> Path:
+    """Write the audit's report page to `out_path` (a .html file, or a directory that gets
+    report.html) with its PNGs and a JSON summary beside it; return the HTML path."""
+    out = Path(out_path)
+    if out.suffix.lower() not in (".html", ".htm"):
+        out = out / "report.html"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stem = out.stem
+
+    images: dict[str, bytes] = {}
+    for key, make in (("heads", _head_figure), ("layers", _layer_figure),
+                      ("attention", _attention_figure)):
+        fig = make(result)
+        if fig is not None:
+            images[key] = png_bytes(fig)
+    written = {}
+    for key, png in images.items():
+        path = out.parent / f"{stem}_{key}.png"
+        path.write_bytes(png)
+        written[key] = path.name
+
+    meta = result.meta
+    model = meta.get("model", {}) or {}
+    title = f"Persona audit: {model.get('source', 'unknown model')}"
+    body = [
+        f"<h1>{_esc(title)}</h1>",
+        f'<p class="muted">completed {_esc(meta.get("completed_at", "?"))} · spec '
+        f'{_esc(str(meta.get("spec_sha256", "?"))[:12])} · '
+        f'{_esc(meta.get("spec", {}).get("n_questions"))} questions</p>',
+        _verdict_section(verdict),
+        _audit_sections(result, images),
+        _drift_section(drift),
+        _provenance_section(meta),
+    ]
+    page = ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{_esc(title)}</title><style>{CSS}</style></head><body>"
+            + "".join(body) + "</body></html>\n")
+    out.write_text(page, encoding="utf-8")
+
+    summary = {
+        "report": out.name,
+        "images": written,
+        "model": model,
+        "spec_sha256": meta.get("spec_sha256"),
+        "completed_at": meta.get("completed_at"),
+        "noise_floor": meta.get("noise_floor"),
+        "verdict": _as_dict(verdict),
+        "drift": _as_dict(drift),
+    }
+    (out.parent / f"{stem}.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return out
+
+
+def _as_dict(obj: Any) -> Any:
+    if obj is None:
+        return None
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    return {"status": str(getattr(obj, "status", "")), "summary": getattr(obj, "summary", None)}
