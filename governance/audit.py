@@ -268,6 +268,11 @@ def _resolve_pairs(spec: AuditSpec, catalogue: PersonaCatalogue) -> list[Persona
     )
 
 
+def sampled_questions(spec: AuditSpec) -> list[Question]:
+    """The questions an audit of `spec` runs on (loaded, validated, sampled)."""
+    return _questions(spec, None)[0]
+
+
 def _questions(spec: AuditSpec, given: list[Question] | None) -> tuple[list[Question], str | None]:
     if given is not None:
         return sample_questions(given, spec.n_questions, spec.seed), None

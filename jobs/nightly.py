@@ -371,6 +371,7 @@ def _audit_version(ctx: _Context, target: Target, policy: PolicyRef, tags: dict[
             work = Path(tmp)
             with _system_metrics(cfg, run_id):
                 result = _run_audit(ctx, target)
+                _check_quality(ctx, run_id, result, work / "quality")
                 tr.log_audit(ctx.client, run_id, result, spec_text=ctx.spec_text,
                              policy_text=policy.text, policy_resolved=policy.resolved(),
                              model_id=target.model_id)
@@ -437,6 +438,24 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _check_quality(ctx: _Context, run_id: str, result: AuditResult, out: Path) -> None:
+    """Great Expectations on the question sample and the audit tables, logged as evidence
+    under `quality/`. A failed check stops the version before anything is published: it is
+    recorded as `error`, never given a verdict."""
+    from governance.audit import sampled_questions
+    from governance.quality import validate_audit, validate_questions
+
+    checks = {"questions": validate_questions(sampled_questions(ctx.spec)),
+              "audit": validate_audit(result)}
+    for name, check in checks.items():
+        check.save(out / name)
+    ctx.client.log_artifacts(run_id, str(out), "quality")
+    failed = [f"{name}: {check.summary()}" for name, check in checks.items() if not check.success]
+    if failed:
+        raise GovernanceError("data quality checks failed, verdict not published; "
+                              + " | ".join(failed))
 
 
 def _decide(policy: PolicyRef, result: AuditResult, baseline: AuditResult | None, work: Path,

@@ -623,3 +623,32 @@ def test_pass_against_mlflow_server_over_http(pg_database, tmp_path, tokenizer):
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
+
+
+def test_failed_data_quality_blocks_the_verdict(registry, monkeypatch, capsys):
+    """Great Expectations runs on the audit tables before anything is published: an audit
+    whose scores are not finite gets `error` with the failed expectation, never a verdict,
+    and the quality evidence is logged with the run."""
+    import numpy as np
+
+    from governance import quality
+
+    real = quality.validate_audit
+
+    def with_a_broken_score(result):
+        result.scores.loc[result.scores.index[0], "score"] = np.inf
+        return real(result)
+
+    monkeypatch.setattr(quality, "validate_audit", with_a_broken_score)
+    client = registry["client"]
+    code = main(["nightly", "--once", "--config", str(registry["config"]), "--model", "tiny-b",
+                 "--force"])
+    assert code == 1
+    run = audit_runs(client, "tiny-b", "1")[-1]
+    assert run.data.tags["persona_audit.state"] == "error"
+    assert "data quality" in run.data.tags["persona_audit.reason"]
+    assert "score_not_infinite" in run.data.tags["persona_audit.reason"]
+    logged = artifacts(client, run.info.run_id)
+    assert any(p.startswith("quality/audit/") for p in logged)
+    assert not any(p.startswith("verdict/") for p in logged)
+    assert client.get_model_version("tiny-b", "1").tags["persona_audit.status"] == "error"
