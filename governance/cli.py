@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from governance import drift, policy
+    from governance import demo, drift, policy
     from jobs import cli as jobs_cli
 
     _add_audit(sub)
@@ -167,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     jobs_cli.add_nightly(sub)
     jobs_cli.add_gate(sub)
     jobs_cli.add_schedule(sub)
+    demo.add_cli(sub)
     return parser
 
 

@@ -215,6 +215,9 @@ def _evidently(current: pd.DataFrame, reference: pd.DataFrame, out_dir: Path, me
         raise DriftError("no column of the current and baseline audits has values on both "
                          "sides: nothing to compare")
     definition = DataDefinition(numerical_columns=columns)
+    # Evidently's histogram binning fails on a column whose values differ only in the last
+    # float bits ("Too many bins for data range"); 1e-6 is far below any score that matters.
+    current, reference = current[columns].round(6), reference[columns].round(6)
     report = Report([DataDriftPreset(num_method=method, num_threshold=threshold)],
                     include_tests=True)
     with warnings.catch_warnings(), np.errstate(all="ignore"):

@@ -376,7 +376,8 @@ def _audit_version(ctx: _Context, target: Target, policy: PolicyRef, tags: dict[
                              policy_text=policy.text, policy_resolved=policy.resolved(),
                              model_id=target.model_id)
                 baseline, note = resolve_baseline(ctx.client, [ctx.experiment_id], target,
-                                                  policy, ctx.spec_sha, run_id, work / "base")
+                                                  policy, ctx.spec_sha, run_id, work / "base",
+                                                  current=result)
                 decision = _decide(policy, result, baseline, work, target, tags)
                 if note:
                     decision.notes.insert(0, note)
@@ -518,11 +519,15 @@ def _record_error(ctx: _Context, target: Target, policy: PolicyRef, run_id: str,
 
 def resolve_baseline(
     client: MlflowClient, experiment_ids: list[str], target: Target, policy: PolicyRef,
-    spec_sha: str, current_run_id: str, dst: Path,
+    spec_sha: str, current_run_id: str, dst: Path, current: AuditResult | None = None,
 ) -> tuple[AuditResult | None, str | None]:
     """The baseline audit the policy names: the latest completed audit, under the same spec,
     of the version holding the alias / the previous version / this version. Returns (audit or
-    None, a note saying why there is none)."""
+    None, a note saying why there is none).
+
+    A version that itself holds the baseline alias and has no earlier audit is the approved
+    baseline: it is compared with its own `current` audit (no drift by definition), with a
+    note saying so, rather than reported as missing a baseline."""
     from governance.tracking import find_audit_run, load_audit
     from jobs.discovery import all_versions
     from jobs.verdict import baseline_choice
@@ -546,6 +551,9 @@ def resolve_baseline(
         version = target.version
     run = find_audit_run(client, experiment_ids, target.name, version, spec_sha256=spec_sha,
                          exclude_run_id=current_run_id)
+    if run is None and choice.kind == "alias" and version == target.version and current:
+        return current, (f"{target.label} holds the baseline alias {choice.alias!r}: it is the "
+                         "baseline, compared with itself")
     if run is None:
         return None, (f"baseline {choice.describe()} ({target.name} v{version}) has no "
                       f"completed audit under spec {spec_sha[:12]}: no baseline")

@@ -181,3 +181,19 @@ def test_runs_uri_downloads_the_audit_artifacts(audit, tmp_path, capsys):
     rc = main(["drift", "--current", f"runs:/{run}/elsewhere", "--baseline", f"runs:/{run}",
                "--tracking-uri", uri, "--out", str(tmp_path / "out3")])
     assert rc == 2 and "artifact path 'elsewhere'" in capsys.readouterr().err
+
+
+def test_columns_differing_only_in_float_noise_do_not_break_evidently(tmp_path):
+    """A head whose score moves by 1e-17 between audits (float noise) must not crash the
+    histogram binning of Evidently: it is no change."""
+    import numpy as np
+
+    from governance.drift import _evidently
+
+    base = pd.DataFrame({"a": np.linspace(0, 1, 35), "b": np.full(35, 0.7)})
+    cur = base.copy()
+    cur["b"] = 0.7 + (np.arange(35) % 7 - 3) * np.spacing(0.7)  # +-3 ulp: binning fails
+    share, distances, files = _evidently(cur, base, tmp_path, "wasserstein", 0.1)
+    assert share == 0.0
+    assert distances["b"] == pytest.approx(0.0, abs=1e-9)
+    assert files["evidently_html"].exists()

