@@ -1,12 +1,13 @@
 # persona-governance: the two commands.
 #   make test   set up .venv (once) and run the whole test suite, as CI does
-#   make audit  set up .venv (once), fetch the pinned SmolLM2 + MMLU assets, run an audit
+#   make demo   set up .venv (once), build ./demo: an MLflow registry with two audited versions
+#   make audit  set up .venv (once), fetch the pinned SmolLM2 + MMLU assets, run one audit
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 
-.PHONY: setup test test-fast lint audit clean
+.PHONY: setup test test-fast lint audit demo clean
 
 setup: $(STAMP)
 
@@ -35,6 +36,9 @@ audit: setup
 	  --questions mmlu --n-questions 20 --pair "a Black person" "a White person" \
 	  --components mlp_out:identity mlp_out:all attn_out:identity attn_out:last head:last \
 	  --out out/smollm2-audit
+
+demo: setup
+	HF_HUB_OFFLINE=1 MLFLOW_DISABLE_TELEMETRY=true $(BIN)/persona-gov demo --dir demo
 
 clean:
 	rm -rf $(VENV) out

@@ -96,19 +96,23 @@ def load(args) -> tuple[torch.nn.Module, Anatomy, list[Prompt], list[int]]:
     return loaded.model, loaded.anatomy, prompts, list(builder.option_ids())
 
 
-def tl_style_loop(model, anatomy, prompt: Prompt, patches: list[Patch], options, device):
-    """Option logits per patch the way TransformerLens's patching helpers compute them."""
-    clean = torch.tensor([prompt.clean], device=device)
-    corrupt = torch.tensor([prompt.corrupt], device=device)
+def tl_style_loop(model, anatomy, prompts: list[Prompt], patches: list[Patch], options,
+                  device) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Option logits per patch the way TransformerLens's patching helpers compute them: the
+    prompts (of one length, with the same identity positions) form one batch, and every
+    patch is one full forward of that batch with full logits and a sync."""
+    clean = torch.tensor([p.clean for p in prompts], device=device)
+    corrupt = torch.tensor([p.corrupt for p in prompts], device=device)
+    identity = prompts[0].identity
     sites = sorted({p.site for p in patches})
     with torch.inference_mode():
         acts, clean_logits = capture(model, anatomy, sites, clean)
-        corrupt_logits = model(input_ids=corrupt, use_cache=False).logits[0, -1]
+        corrupt_logits = model(input_ids=corrupt, use_cache=False).logits[:, -1]
         rows = []
-        length = len(prompt.clean)
+        length = clean.shape[1]
         for patch in patches:
             where = {"all": list(range(length)), "last": [length - 1],
-                     "identity": prompt.identity}[patch.positions]
+                     "identity": identity}[patch.positions]
             clean_act = acts[patch.site]
 
             def edit(x, clean_act=clean_act, where=where, head=patch.head):
@@ -121,9 +125,23 @@ def tl_style_loop(model, anatomy, prompt: Prompt, patches: list[Patch], options,
 
             with hooked(model, anatomy, {Site(patch.component, patch.layer): edit}):
                 logits = model(input_ids=corrupt, use_cache=False).logits  # every position
-            rows.append(logits[0, -1, options].float().cpu())  # a sync per patch
-    return (torch.stack(rows), clean_logits[0, options].float().cpu(),
-            corrupt_logits[options].float().cpu())
+            rows.append(logits[:, -1, options].float().cpu())  # a sync per patch
+    patched = torch.stack(rows, dim=1)  # (prompt, patch, option)
+    return [(patched[i], clean_logits[i, options].float().cpu(),
+             corrupt_logits[i, options].float().cpu()) for i in range(len(prompts))]
+
+
+def baseline(model, anatomy, prompts, patches, options, device):
+    """The TL-style loop, batching prompts that share a length and identity positions."""
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault((len(p.clean), tuple(p.identity)), []).append(i)
+    out: list = [None] * len(prompts)
+    for members in groups.values():
+        for i, r in zip(members, tl_style_loop(model, anatomy, [prompts[i] for i in members],
+                                               patches, options, device), strict=True):
+            out[i] = r
+    return out
 
 
 def layer_flops(anatomy: Anatomy, config, q_tokens: int, k_tokens: int) -> float:
@@ -194,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--chunk-rows", type=int, default=64)
+    parser.add_argument("--parity-dtype", help="also run the engine with the model cast to this "
+                        "dtype (e.g. float32) and print the largest score difference")
     parser.add_argument("--skip-baseline", action="store_true",
                         help="time only the engine and the screen")
     parser.add_argument("--baseline-prompts", type=int,
@@ -244,11 +264,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  agreement on {label:<11}: spearman {agree['spearman']:.3f}, recall@20 of "
                   f"the exact top-20 {agree['recall_at_20']:.2f} (n={int(agree['n'])})")
 
+    if args.parity_dtype:
+        model.to(getattr(torch, args.parity_dtype))
+        ref = []
+        for p in prompts:
+            r = engine.run(p.clean, p.corrupt, p.identity, patches, options)
+            ref.append((r.patched.cpu(), r.clean.cpu(), r.corrupt.cpu()))
+        s_ref32 = scores_of(ref)
+        gap = float(np.nanmax(np.abs(s_ours - s_ref32)))
+        print(f"parity      {args.dtype} vs {args.parity_dtype}: max |S difference| {gap:.2e}, "
+              f"mean {float(np.nanmean(np.abs(s_ours - s_ref32))):.2e}")
+        model.to(getattr(torch, args.dtype))
     if args.skip_baseline:
         return 0
     n_base = args.baseline_prompts or len(prompts)
     t = time.perf_counter()
-    base = [tl_style_loop(model, anatomy, p, patches, options, device) for p in prompts[:n_base]]
+    base = baseline(model, anatomy, prompts[:n_base], patches, options, device)
     sync(device)
     t_base = (time.perf_counter() - t) * len(prompts) / n_base
     s_base = scores_of(base)

@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    for noisy in ("urllib3", "filelock", "httpx"):
+    for noisy in ("urllib3", "filelock", "httpx", "great_expectations", "alembic",
+                  "mlflow.system_metrics", "mlflow.transformers", "mlflow.store"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return int(args.func(args) or 0)

@@ -39,10 +39,13 @@ DEMO_SPEC: dict[str, Any] = {
 @dataclass(frozen=True)
 class Plant:
     """The documented change of version 2: head `head` of layer `layer` writes `scale`
-    times as strongly into the residual stream (its o_proj input columns scaled)."""
+    times as strongly into the residual stream (its o_proj input columns scaled).
 
-    layer: int = 20
-    head: int = 4
+    The default, L29.H2, is the head of SmolLM2 that restores most of the race pair's shift
+    at the last position (README audit): amplifying it is a change the audit should see."""
+
+    layer: int = 29
+    head: int = 2
     scale: float = 4.0
 
     def apply(self, loaded) -> None:
@@ -168,7 +171,7 @@ def _findings(client, run_id: str | None) -> tuple[list[str], str | None]:
                                   tracking_uri=client.tracking_uri)
         changes = pd.read_csv(path)
         heads = changes[changes["level"] == "head"]
-        if not heads.empty:
+        if not heads.empty and heads.iloc[0]["abs_change"] > 1e-9:
             r = heads.iloc[0]
             top_head = (f"L{int(r['layer'])}.H{int(r['head'])} ({r['category']}, change "
                         f"{r['change']:+.3f})")
