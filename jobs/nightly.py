@@ -148,10 +148,32 @@ def connect(config: NightlyConfig) -> MlflowClient:
     try:
         client.search_experiments(max_results=1)
     except Exception as exc:
+        status = getattr(exc, "get_http_status_code", lambda: None)()
+        if status in (401, 403):  # not retried: the same credentials are refused again
+            raise TrackingUnavailable(_refusal(shown, status)) from None
         raise TrackingUnavailable(
-            f"tracking store {shown} answered but refused a request (check "
-            f"MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD): {redact(exc)}") from None
+            f"tracking store {shown} answered but refused a request: {redact(exc)}") from None
     return client
+
+
+def _refusal(shown: str, status: int) -> str:
+    """Why an HTTP tracking server refused us, and how to fix it; names the user, never the
+    password. MLflow sends the credentials of MLFLOW_TRACKING_USERNAME/_PASSWORD (or of
+    ~/.mlflow/credentials) as HTTP basic auth, or MLFLOW_TRACKING_TOKEN as a bearer token."""
+    from mlflow.utils.credentials import read_mlflow_creds
+
+    user = read_mlflow_creds().username
+    how = ("set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) "
+           "in the environment of `persona-gov nightly`")
+    if status == 403:
+        return (f"tracking store {shown} refused the credentials of user {user!r} "
+                f"(HTTP 403 permission denied): grant that user access on the server, or {how}")
+    if user is None and not os.environ.get("MLFLOW_TRACKING_TOKEN"):
+        return (f"tracking store {shown} refused the request without credentials (HTTP 401; "
+                f"the server enforces authentication): {how}")
+    who = f"user {user!r}" if user else "MLFLOW_TRACKING_TOKEN"
+    return (f"tracking store {shown} refused the credentials of {who} (HTTP 401): check the "
+            f"password, or {how}")
 
 
 # -- the spec -------------------------------------------------------------------------------
