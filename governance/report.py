@@ -128,7 +128,8 @@ def _head_figure(result: AuditResult) -> Figure | None:
                           "pairs)", colorbar="restoration score S")
 
 
-def _layer_figure(result: AuditResult) -> Figure | None:
+def layer_figure(result: AuditResult) -> Figure | None:
+    """Per-layer S curves, one panel per component:positions, one line per category."""
     from matplotlib.ticker import MaxNLocator
 
     curves = result.layer_curves()
@@ -341,7 +342,7 @@ def render_report(
     stem = out.stem
 
     images: dict[str, bytes] = {}
-    for key, make in (("heads", _head_figure), ("layers", _layer_figure),
+    for key, make in (("heads", _head_figure), ("layers", layer_figure),
                       ("attention", _attention_figure)):
         fig = make(result)
         if fig is not None:

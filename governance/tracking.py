@@ -174,7 +174,7 @@ def spec_params(result: AuditResult) -> dict[str, str]:
 def write_plots(result: AuditResult, out_dir: Path) -> list[Path]:
     """Per-head heatmaps (one PNG per category, one panel per positions) and the per-layer
     curves (one PNG), drawn with governance.report's figure helpers."""
-    from governance.report import head_matrix, heatmap_panels, new_figure
+    from governance.report import head_matrix, heatmap_panels, layer_figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -188,20 +188,8 @@ def write_plots(result: AuditResult, out_dir: Path) -> list[Path]:
         path = out_dir / f"heads_{sanitise(category).replace(' ', '_')}.png"
         fig.savefig(path, dpi=100)
         written.append(path)
-    curves = result.layer_curves()
-    if not curves.empty:
-        groups = list(curves.groupby(["component", "positions"], sort=True))
-        fig, axes = new_figure(len(groups), ncols=3, panel=(3.6, 2.6))
-        for ax, ((component, positions), part) in zip(axes, groups, strict=True):
-            for category, line in part.groupby("category", sort=True):
-                line = line.sort_values("layer")
-                ax.plot(line["layer"], line["score"], marker=".", label=category)
-            ax.axhline(0.0, color="grey", lw=0.6)
-            ax.set_title(f"{component}:{positions}", fontsize=9)
-            ax.set_xlabel("layer", fontsize=8)
-            ax.set_ylabel("S", fontsize=8)
-            ax.legend(fontsize=7)
-        fig.suptitle("restoration score per layer (mean over a category's pairs)", fontsize=10)
+    fig = layer_figure(result)
+    if fig is not None:
         path = out_dir / "layer_curves.png"
         fig.savefig(path, dpi=100)
         written.append(path)
