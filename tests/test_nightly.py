@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -545,6 +547,40 @@ def pg_database():
         engine.dispose()
 
 
+@contextmanager
+def mlflow_server(log_dir: Path, args: list[str], env: dict[str, str], wait_s: float):
+    """A real `mlflow server` on a free loopback port: yields its URL once /health answers,
+    and is stopped by its process group's PID however the block ends."""
+    import requests
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", *args, "--host", "127.0.0.1",
+         "--port", str(port), "--workers", "1"],
+        stdout=open(log_dir / "server.log", "w"), stderr=subprocess.STDOUT, env=env,
+        start_new_session=True)
+    try:
+        deadline = time.time() + wait_s
+        while True:
+            try:
+                if requests.get(f"{url}/health", timeout=2).ok:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert server.poll() is None, (log_dir / "server.log").read_text()[-3000:]
+            assert time.time() < deadline, f"mlflow server did not answer /health in {wait_s} s"
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -554,75 +590,49 @@ def _free_port() -> int:
 @pytest.mark.postgres
 @pytest.mark.e2e
 def test_pass_against_mlflow_server_over_http(pg_database, tmp_path, tokenizer):
-    import signal
-
     import mlflow
-    import requests
     from mlflow import MlflowClient
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    mlflow_bin = Path(sys.executable).parent / "mlflow"
-    server = subprocess.Popen(
-        [str(mlflow_bin), "server", "--backend-store-uri", _pg_url(pg_database),
-         "--default-artifact-root", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT, env=_env(),
-        start_new_session=True)
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                if requests.get(f"{url}/health", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.time() < deadline, "mlflow server did not answer /health in 90 s"
-            time.sleep(0.5)
-        mlflow.set_tracking_uri(url)
-        client = MlflowClient(url)
-        exp = client.create_experiment("models")
-        register(client, "tiny-http", log_tiny(tokenizer, exp, 5), ENABLED)
-        mlflow.set_tracking_uri(None)
-
-        cfg = write_setup(tmp_path / "cfg", url, lease={"url": _pg_url(pg_database)})
-        secret = "pw-" + uuid.uuid4().hex
-        env = _env(MLFLOW_TRACKING_USERNAME="auditor", MLFLOW_TRACKING_PASSWORD=secret)
-        cmd = [sys.executable, "-m", "governance.cli", "-v", "nightly", "--once", "--config",
-               str(cfg)]
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
-        output = done.stdout + done.stderr
-        assert done.returncode == 0, output[-4000:]
-        assert "tiny-http v1" in done.stdout, output[-3000:]
-        runs = audit_runs(client, "tiny-http", "1", "completed")
-        assert len(runs) == 1
-        rid = runs[0].info.run_id
-        assert sorted(m.step for m in client.get_metric_history(rid, "attn_out.last.race")) \
-            == [0, 1, 2]
-        assert {"audit/scores.csv", "verdict/verdict.json", "plots/layer_curves.png"} \
-            <= artifacts(client, rid)
-        mv = client.get_model_version("tiny-http", "1")
-        assert mv.tags["persona_audit.run_id"] == rid
-        assert mv.tags["persona_audit.status"] == "warn"  # first version: no baseline
-        gate = subprocess.run([sys.executable, "-m", "governance.cli", "gate", "--config",
-                               str(cfg), "--model", "tiny-http", "--version", "1",
-                               "--warn-passes"], capture_output=True, text=True, env=env,
-                              timeout=120)
-        assert gate.returncode == 0, gate.stdout + gate.stderr
-        # the credentials appear in no output and no artifact
-        assert secret not in output + gate.stdout + gate.stderr
-        for path in (tmp_path / "artifacts").rglob("*"):
-            if path.is_file():
-                assert secret.encode() not in path.read_bytes(), path
-    finally:
-        mlflow.set_tracking_uri(None)
-        os.killpg(server.pid, signal.SIGTERM)
+    with mlflow_server(tmp_path, ["--backend-store-uri", _pg_url(pg_database),
+                        "--default-artifact-root", str(tmp_path / "artifacts")], _env(), 90) as url:
         try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+            mlflow.set_tracking_uri(url)
+            client = MlflowClient(url)
+            exp = client.create_experiment("models")
+            register(client, "tiny-http", log_tiny(tokenizer, exp, 5), ENABLED)
+            mlflow.set_tracking_uri(None)
+
+            cfg = write_setup(tmp_path / "cfg", url, lease={"url": _pg_url(pg_database)})
+            secret = "pw-" + uuid.uuid4().hex
+            env = _env(MLFLOW_TRACKING_USERNAME="auditor", MLFLOW_TRACKING_PASSWORD=secret)
+            cmd = [sys.executable, "-m", "governance.cli", "-v", "nightly", "--once", "--config",
+                   str(cfg)]
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+            output = done.stdout + done.stderr
+            assert done.returncode == 0, output[-4000:]
+            assert "tiny-http v1" in done.stdout, output[-3000:]
+            runs = audit_runs(client, "tiny-http", "1", "completed")
+            assert len(runs) == 1
+            rid = runs[0].info.run_id
+            assert sorted(m.step for m in client.get_metric_history(rid, "attn_out.last.race")) \
+                == [0, 1, 2]
+            assert {"audit/scores.csv", "verdict/verdict.json", "plots/layer_curves.png"} \
+                <= artifacts(client, rid)
+            mv = client.get_model_version("tiny-http", "1")
+            assert mv.tags["persona_audit.run_id"] == rid
+            assert mv.tags["persona_audit.status"] == "warn"  # first version: no baseline
+            gate = subprocess.run([sys.executable, "-m", "governance.cli", "gate", "--config",
+                                   str(cfg), "--model", "tiny-http", "--version", "1",
+                                   "--warn-passes"], capture_output=True, text=True, env=env,
+                                  timeout=120)
+            assert gate.returncode == 0, gate.stdout + gate.stderr
+            # the credentials appear in no output and no artifact
+            assert secret not in output + gate.stdout + gate.stderr
+            for path in (tmp_path / "artifacts").rglob("*"):
+                if path.is_file():
+                    assert secret.encode() not in path.read_bytes(), path
+        finally:
+            mlflow.set_tracking_uri(None)
 
 
 def test_failed_data_quality_blocks_the_verdict(registry, monkeypatch, capsys):
@@ -664,7 +674,6 @@ def test_pass_against_a_basic_auth_server(tmp_path, tokenizer, monkeypatch):
     MLFLOW_TRACKING_USERNAME/PASSWORD it audits the version and writes its approval record;
     the password appears in no output, artifact or store."""
     import base64
-    import signal
 
     import mlflow
     import requests
@@ -677,85 +686,62 @@ def test_pass_against_a_basic_auth_server(tmp_path, tokenizer, monkeypatch):
     auth_ini.write_text(f"[mlflow]\ndefault_permission = READ\n"
                         f"database_uri = sqlite:///{auth_ini.parent / 'users.db'}\n"
                         f"admin_username = admin\nadmin_password = {secret}\n")
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--app-name", "basic-auth",
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        stdout=open(tmp_path / "server.log", "w"), stderr=subprocess.STDOUT,
-        env=_env(MLFLOW_AUTH_CONFIG_PATH=str(auth_ini),
-                 MLFLOW_FLASK_SERVER_SECRET_KEY=uuid.uuid4().hex),
-        start_new_session=True)
-    try:
-        deadline = time.time() + 60
-        while True:
-            try:
-                if requests.get(f"{url}/health", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            assert time.time() < deadline, "mlflow server did not answer /health in 60 s"
-            time.sleep(0.5)
-        create = f"{url}/api/2.0/mlflow/experiments/create"
-        assert requests.post(create, json={"name": "x"}, timeout=10).status_code == 401
-        assert requests.post(create, json={"name": "x"}, auth=("admin", wrong),
-                             timeout=10).status_code == 401
-
-        cfg = write_setup(tmp_path / "cfg", url,
-                          lease={"url": f"sqlite:///{tmp_path / 'leases.db'}"})
-        cmd = [sys.executable, "-m", "governance.cli", "-v", "nightly", "--once", "--config",
-               str(cfg)]
-        outputs = []
-        for creds, says in [
-            ({}, "refused the request without credentials (HTTP 401"),
-            ({"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": wrong},
-             "refused the credentials of user 'admin' (HTTP 401)"),
-        ]:
-            refused = subprocess.run(cmd, capture_output=True, text=True, env=_env(**creds),
-                                     timeout=120)
-            outputs.append(refused.stdout + refused.stderr)
-            assert refused.returncode == 2, outputs[-1][-3000:]
-            assert says in refused.stderr and "MLFLOW_TRACKING_PASSWORD" in refused.stderr, \
-                outputs[-1][-3000:]
-            assert "Traceback" not in outputs[-1]
-        assert wrong not in "".join(outputs)
-
-        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
-        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secret)
-        mlflow.set_tracking_uri(url)
-        client = MlflowClient(url)
-        exp = client.create_experiment("models")
-        register(client, "tiny-auth", log_tiny(tokenizer, exp, 7), ENABLED)
-        mlflow.set_tracking_uri(None)
-
-        env = _env(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=secret)
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
-        outputs.append(done.stdout + done.stderr)
-        assert done.returncode == 0, outputs[-1][-4000:]
-        assert "tiny-auth v1" in done.stdout, outputs[-1][-3000:]
-        mv = client.get_model_version("tiny-auth", "1")
-        assert mv.tags["persona_audit.status"] == "warn"  # first version: no baseline
-        run = client.get_run(mv.tags["persona_audit.run_id"])
-        assert run.data.tags["persona_audit.state"] == "completed"
-        assert "audit/scores.csv" in artifacts(client, run.info.run_id)
-
-        # the password (and the Basic header made from it) is in no output, artifact or store
-        basic = base64.b64encode(f"admin:{secret}".encode())
-        assert secret not in "".join(outputs)
-        stored = [p for p in tmp_path.rglob("*")
-                  if p.is_file() and auth_ini.parent not in p.parents]
-        assert any(p.is_relative_to(tmp_path / "artifacts") for p in stored)
-        for path in stored:
-            data = path.read_bytes()
-            assert secret.encode() not in data and basic not in data, path
-    finally:
-        mlflow.set_tracking_uri(None)
-        os.killpg(server.pid, signal.SIGTERM)
+    with mlflow_server(tmp_path, ["--app-name", "basic-auth", "--backend-store-uri",
+                        f"sqlite:///{tmp_path / 'mlflow.db'}", "--artifacts-destination",
+                        str(tmp_path / "artifacts")], _env(MLFLOW_AUTH_CONFIG_PATH=str(auth_ini),
+                            MLFLOW_FLASK_SERVER_SECRET_KEY=uuid.uuid4().hex), 60) as url:
         try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+            create = f"{url}/api/2.0/mlflow/experiments/create"
+            assert requests.post(create, json={"name": "x"}, timeout=10).status_code == 401
+            assert requests.post(create, json={"name": "x"}, auth=("admin", wrong),
+                                 timeout=10).status_code == 401
+
+            cfg = write_setup(tmp_path / "cfg", url,
+                              lease={"url": f"sqlite:///{tmp_path / 'leases.db'}"})
+            cmd = [sys.executable, "-m", "governance.cli", "-v", "nightly", "--once", "--config",
+                   str(cfg)]
+            outputs = []
+            for creds, says in [
+                ({}, "refused the request without credentials (HTTP 401"),
+                ({"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": wrong},
+                 "refused the credentials of user 'admin' (HTTP 401)"),
+            ]:
+                refused = subprocess.run(cmd, capture_output=True, text=True, env=_env(**creds),
+                                         timeout=120)
+                outputs.append(refused.stdout + refused.stderr)
+                assert refused.returncode == 2, outputs[-1][-3000:]
+                assert says in refused.stderr and "MLFLOW_TRACKING_PASSWORD" in refused.stderr, \
+                    outputs[-1][-3000:]
+                assert "Traceback" not in outputs[-1]
+            assert wrong not in "".join(outputs)
+
+            monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "admin")
+            monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", secret)
+            mlflow.set_tracking_uri(url)
+            client = MlflowClient(url)
+            exp = client.create_experiment("models")
+            register(client, "tiny-auth", log_tiny(tokenizer, exp, 7), ENABLED)
+            mlflow.set_tracking_uri(None)
+
+            env = _env(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=secret)
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+            outputs.append(done.stdout + done.stderr)
+            assert done.returncode == 0, outputs[-1][-4000:]
+            assert "tiny-auth v1" in done.stdout, outputs[-1][-3000:]
+            mv = client.get_model_version("tiny-auth", "1")
+            assert mv.tags["persona_audit.status"] == "warn"  # first version: no baseline
+            run = client.get_run(mv.tags["persona_audit.run_id"])
+            assert run.data.tags["persona_audit.state"] == "completed"
+            assert "audit/scores.csv" in artifacts(client, run.info.run_id)
+
+            # the password (and the Basic header made from it) is in no output, artifact or store
+            basic = base64.b64encode(f"admin:{secret}".encode())
+            assert secret not in "".join(outputs)
+            stored = [p for p in tmp_path.rglob("*")
+                      if p.is_file() and auth_ini.parent not in p.parents]
+            assert any(p.is_relative_to(tmp_path / "artifacts") for p in stored)
+            for path in stored:
+                data = path.read_bytes()
+                assert secret.encode() not in data and basic not in data, path
+        finally:
+            mlflow.set_tracking_uri(None)
