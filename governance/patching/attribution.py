@@ -88,14 +88,15 @@ def atp_numerators(
         delta = (clean_acts[site].to(a_corr.dtype) - a_corr.detach()) * g
         per_site[site] = delta.float().sum(-1)[0]  # (pos,) or, for heads, (pos, head)
     length = len(clean_ids)
-    masks = {pos: position_mask(pos, length, identity).to(device)
-             for pos in ("identity", "last", "all")}
+    kinds = ("identity", "last", "all")
+    masks = torch.stack([position_mask(k, length, identity) for k in kinds]).to(device)
+    # one transfer per site: (kind, [head]) sums over each kind of positions
+    sums = {site: (masks.float() @ contrib.reshape(length, -1)).cpu().numpy()
+            for site, contrib in per_site.items()}
     estimates = np.empty(len(patches))
     for i, p in enumerate(patches):
-        contrib = per_site[p.site]
-        if p.component == "head":
-            contrib = contrib[:, p.head]
-        estimates[i] = float(contrib[masks[p.positions]].sum())
+        row = sums[p.site][kinds.index(p.positions)]
+        estimates[i] = row[p.head] if p.component == "head" else row[0]
     return estimates, float((d * d).sum())
 
 
