@@ -23,7 +23,6 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from governance import __version__
@@ -32,6 +31,7 @@ from governance.patching.scores import persona_shift, restoration
 from governance.patching.sites import COMPONENTS, POSITIONS
 from governance.personas import NO_PERSONA, PersonaCatalogue, PersonaPair, load_catalogue
 from governance.questions import Layout, Question, file_sha256, load_questions, sample_questions
+from governance.yaml_files import read_yaml_mapping
 
 log = logging.getLogger(__name__)
 
@@ -117,16 +117,7 @@ class AuditSpec(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> AuditSpec:
-        try:
-            raw = yaml.safe_load(Path(path).read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read audit spec {path}: {exc}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"audit spec {path} is not valid YAML: {exc}") from exc
-        if raw is None:
-            raw = {}
-        if not isinstance(raw, dict):
-            raise ConfigError(f"audit spec {path} must be a mapping of fields")
+        raw = read_yaml_mapping(path, "audit spec")
         base = Path(path).parent
         from governance.assets import ASSETS
 

@@ -12,7 +12,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -23,6 +22,7 @@ from pydantic import (
 )
 
 from governance.errors import ConfigError, format_validation_error
+from governance.yaml_files import read_yaml_mapping
 
 NO_PERSONA = "(no persona)"
 NOISE_FLOOR_CATEGORY = "noise_floor"
@@ -215,17 +215,8 @@ def load_catalogue(path: str | Path | None = None) -> PersonaCatalogue:
         text = resources.files("governance.data").joinpath(DEFAULT_CATALOGUE_NAME).read_text()
         where = f"<package>/governance/data/{DEFAULT_CATALOGUE_NAME}"
     else:
-        where = str(path)
-        try:
-            text = Path(path).read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read persona catalogue {where}: {exc}") from exc
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"persona catalogue {where} is not valid YAML: {exc}") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"persona catalogue {where} must be a mapping, got {type(raw).__name__}")
+        text, where = None, str(path)
+    raw = read_yaml_mapping(where, "persona catalogue", text=text)
     try:
         return PersonaCatalogue.model_validate(raw)
     except ValidationError as exc:

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from governance.errors import ConfigError, format_validation_error
+from governance.yaml_files import read_yaml_mapping
 
 CONFIG_ENV = "PERSONA_AUDIT_CONFIG"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow 3's own default
@@ -241,15 +241,7 @@ def load_config(
     path = path or env.get(CONFIG_ENV) or None
     raw: dict[str, Any] = {}
     if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read nightly config {path}: {exc}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"nightly config {path} is not valid YAML: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"nightly config {path} must be a mapping of fields")
-        raw = loaded or {}
+        raw = read_yaml_mapping(path, "nightly config")
         raw["source"] = str(Path(path).resolve())
     for var, dotted in ENV_OVERRIDES.items():
         if env.get(var):
