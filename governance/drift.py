@@ -284,9 +284,7 @@ def _head_change_png(changes: pd.DataFrame, path: Path) -> bool:
 
 
 def _layer_curves_png(changes: pd.DataFrame, path: Path) -> bool:
-    from matplotlib.ticker import MaxNLocator
-
-    from governance.report import new_figure
+    from governance.report import new_figure, style_layer_axis
 
     layers = changes[changes["level"] == "layer"]
     if layers.empty:
@@ -301,13 +299,7 @@ def _layer_curves_png(changes: pd.DataFrame, path: Path) -> bool:
                     label=f"{category} current")
             ax.plot(line["layer"], line["baseline"], color=colour, ls="--",
                     label=f"{category} baseline")
-        ax.axhline(0.0, color="grey", lw=0.6)
-        ax.set_title(f"{component}:{positions}", fontsize=9)
-        ax.set_xlabel("layer", fontsize=8)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("S", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=6)
+        style_layer_axis(ax, f"{component}:{positions}", legend_size=6)
     fig.suptitle("per-layer restoration score: current (solid) vs baseline (dashed)",
                  fontsize=10)
     fig.savefig(path, dpi=100)

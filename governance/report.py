@@ -128,10 +128,21 @@ def _head_figure(result: AuditResult) -> Figure | None:
                           "pairs)", colorbar="restoration score S")
 
 
-def layer_figure(result: AuditResult) -> Figure | None:
-    """Per-layer S curves, one panel per component:positions, one line per category."""
+def style_layer_axis(ax, title: str, legend_size: int = 7) -> None:
+    """The look every per-layer panel shares: zero line, integer layers, small labels."""
     from matplotlib.ticker import MaxNLocator
 
+    ax.axhline(0.0, color="grey", lw=0.6)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("layer", fontsize=8)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("S", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.legend(fontsize=legend_size)
+
+
+def layer_figure(result: AuditResult) -> Figure | None:
+    """Per-layer S curves, one panel per component:positions, one line per category."""
     curves = result.layer_curves()
     if curves.empty:
         return None
@@ -141,13 +152,7 @@ def layer_figure(result: AuditResult) -> Figure | None:
         for category, line in part.groupby("category", sort=True):
             line = line.sort_values("layer")
             ax.plot(line["layer"], line["score"], marker=".", label=category)
-        ax.axhline(0.0, color="grey", lw=0.6)
-        ax.set_title(f"{component}:{positions}", fontsize=9)
-        ax.set_xlabel("layer", fontsize=8)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("S", fontsize=8)
-        ax.tick_params(labelsize=7)
-        ax.legend(fontsize=7)
+        style_layer_axis(ax, f"{component}:{positions}")
     fig.suptitle("restoration score per layer (mean over a category's pairs)", fontsize=10)
     return fig
 
