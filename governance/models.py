@@ -61,6 +61,13 @@ class LoadedModel:
         """Floating-point dtype of the model's parameters."""
         return next(self.model.parameters()).dtype
 
+    @classmethod
+    def from_model(cls, model: nn.Module, tokenizer: Any, source: str) -> LoadedModel:
+        """Wrap a model already in memory (a notebook's, a test's) with its anatomy and
+        identity record; `source` says where it came from."""
+        anatomy = anatomy_of(model)
+        return cls(model, tokenizer, anatomy, _identity(model, anatomy, source, "in_memory"))
+
 
 def load_model(
     source: str | os.PathLike[str],

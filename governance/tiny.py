@@ -93,6 +93,17 @@ TINY_ARCHITECTURES = (
 )
 
 
+def tiny_questions(n: int = 6, subjects: tuple[str, ...] = ("math", "geo", "bio")):
+    """`n` small multiple-choice questions over `subjects`, answers cycling A-D."""
+    from governance.questions import Question
+
+    return [
+        Question(f"q{i}", subjects[i % len(subjects)], f"Which number is prime, case {i}?",
+                 (str(4 + i), str(6 + i), str(7 + i), str(9 + i)), "ABCD"[i % 4])
+        for i in range(n)
+    ]
+
+
 def tiny_model(model_type: str = "llama", vocab_size: int = 400, seed: int = 0, **overrides):
     """A randomly initialised causal LM of `model_type`, fp32, eval mode, eager attention."""
     from transformers import AutoModelForCausalLM

@@ -7,7 +7,6 @@ import pandas as pd
 import pytest
 import torch
 
-from governance.architectures import anatomy_of
 from governance.audit import (
     BEHAVIOUR_COLUMNS,
     PAIR_COLUMNS,
@@ -20,23 +19,14 @@ from governance.errors import ConfigError, PromptError
 from governance.models import LoadedModel
 from governance.patching.engine import Patch, PatchingEngine
 from governance.patching.scores import restoration
-from governance.questions import Question
-from governance.tiny import tiny_model
+from governance.tiny import tiny_model, tiny_questions
 
-SUBJECTS = ["math", "geo", "bio"]
-
-
-def _questions(n=6):
-    return [
-        Question(f"q{i}", SUBJECTS[i % 3], f"Which number is prime, case {i}?",
-                 (str(4 + i), str(6 + i), str(7 + i), str(9 + i)), "ABCD"[i % 4])
-        for i in range(n)
-    ]
+_questions = tiny_questions
 
 
 def _loaded(tokenizer, model_type="llama", **kw):
     model = tiny_model(model_type, vocab_size=len(tokenizer), **kw)
-    return LoadedModel(model, tokenizer, anatomy_of(model), {"source": f"tiny-{model_type}"})
+    return LoadedModel.from_model(model, tokenizer, f"tiny-{model_type}")
 
 
 SPEC = AuditSpec(

@@ -10,16 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from governance.architectures import anatomy_of
 from governance.audit import AuditResult, AuditSpec, run_audit
 from governance.cli import main
 from governance.drift import DriftError, drift_report, load_audit_source
 from governance.errors import ConfigError
 from governance.models import LoadedModel
-from governance.questions import Question
-from governance.tiny import tiny_model
+from governance.tiny import tiny_model, tiny_questions
 
-SUBJECTS = ["math", "geo", "bio"]
 SPEC = AuditSpec(
     n_questions=6,
     pairs=[("a Black person", "a White person"), ("a man", "a woman")],
@@ -31,15 +28,8 @@ SPEC = AuditSpec(
 @pytest.fixture(scope="module")
 def audit(tokenizer) -> AuditResult:
     model = tiny_model("llama", vocab_size=len(tokenizer))
-    anatomy = anatomy_of(model)
-    questions = [
-        Question(f"q{i}", SUBJECTS[i % 3], f"Which number is prime, case {i}?",
-                 (str(4 + i), str(6 + i), str(7 + i), str(9 + i)), "ABCD"[i % 4])
-        for i in range(6)
-    ]
-    identity = {"source": "tiny-llama", "n_layers": anatomy.n_layers, "n_heads": anatomy.n_heads}
-    return run_audit(LoadedModel(model, tokenizer, anatomy, identity), SPEC,
-                     questions=questions, progress=False)
+    return run_audit(LoadedModel.from_model(model, tokenizer, "tiny-llama"), SPEC,
+                     questions=tiny_questions(6), progress=False)
 
 
 def _copy(result: AuditResult) -> AuditResult:

@@ -27,14 +27,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from governance.architectures import anatomy_of
 from governance.audit import AuditResult, AuditSpec, run_audit
 from governance.models import LoadedModel
-from governance.questions import Question
 from governance.report import render_report
-from governance.tiny import tiny_model
+from governance.tiny import tiny_model, tiny_questions
 
-SUBJECTS = ["math", "geo", "bio"]
 SPEC = AuditSpec(
     n_questions=6,
     pairs=[("a Black person", "a White person"), ("a man", "a woman")],
@@ -43,21 +40,13 @@ SPEC = AuditSpec(
 )
 
 
-def _questions(n=6):
-    return [
-        Question(f"q{i}", SUBJECTS[i % 3], f"Which number is prime, case {i}?",
-                 (str(4 + i), str(6 + i), str(7 + i), str(9 + i)), "ABCD"[i % 4])
-        for i in range(n)
-    ]
+_questions = tiny_questions
 
 
 @pytest.fixture(scope="module")
 def audit(tokenizer) -> AuditResult:
     model = tiny_model("llama", vocab_size=len(tokenizer))
-    anatomy = anatomy_of(model)
-    identity = {"source": "tiny-llama <test>", "n_layers": anatomy.n_layers,
-                "n_heads": anatomy.n_heads}
-    return run_audit(LoadedModel(model, tokenizer, anatomy, identity), SPEC,
+    return run_audit(LoadedModel.from_model(model, tokenizer, "tiny-llama <test>"), SPEC,
                      questions=_questions(), progress=False)
 
 

@@ -7,11 +7,9 @@ import pandas as pd
 import pytest
 
 from governance import tracking as tr
-from governance.architectures import anatomy_of
 from governance.audit import AuditSpec, run_audit
 from governance.models import LoadedModel
-from governance.questions import Question
-from governance.tiny import tiny_model
+from governance.tiny import tiny_model, tiny_questions
 
 SPEC = AuditSpec(
     n_questions=4,
@@ -23,13 +21,11 @@ SPEC = AuditSpec(
 
 @pytest.fixture(scope="module")
 def result(tokenizer):
-    qs = [Question(f"q{i}", "math", f"Which number is prime, case {i}?",
-                   (str(4 + i), str(6 + i), str(7 + i), str(9 + i)), "ABCD"[i % 4])
-          for i in range(4)]
+    qs = tiny_questions(4, subjects=("math",))
     import torch
 
     model = tiny_model("llama", vocab_size=len(tokenizer))
-    loaded = LoadedModel(model, tokenizer, anatomy_of(model), {"source": "tiny"})
+    loaded = LoadedModel.from_model(model, tokenizer, "tiny")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: one thread is fastest on a shared host
     try:
