@@ -224,4 +224,18 @@ def test_atp_screen_then_exact_top_k(tokenizer):
         assert (top["layer"], top["head"]) == (2, 1)
     agreement = result.meta["screen_agreement"]["head:all"]
     assert agreement["n"] == 6
-    assert -1.0 <= agreement["spearman"] <= 1.0
+    assert set(agreement) == {"n", "spearman", "recall_at_20"}
+
+
+@pytest.mark.parametrize("estimate, spearman, recall", [
+    ([4.0, 3.0, 2.0, 1.0, 0.0], 1.0, 1.0),   # same order
+    ([0.0, 1.0, 2.0, 3.0, 4.0], -1.0, 0.0),  # reversed: the top 2 by |S| are missed
+    ([4.0, 0.0, 2.0, 1.0, 3.0], 0.1, 0.5),   # one of the exact top 2 found
+])
+def test_screen_agreement_measures(estimate, spearman, recall):
+    from governance.patching.attribution import agreement
+
+    got = agreement(np.array(estimate), np.array([4.0, 3.0, 2.0, 1.0, 0.0]), k=2)
+    assert got["spearman"] == pytest.approx(spearman)
+    assert got["recall_at_2"] == recall
+    assert got["n"] == 5

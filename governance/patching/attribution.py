@@ -115,11 +115,12 @@ def agreement(estimate: np.ndarray, exact: np.ndarray, k: int = 20) -> dict[str,
     ok = np.isfinite(est) & np.isfinite(ex)
     est, ex = est[ok], ex[ok]
     n = len(ex)
+    key = f"recall_at_{k}"  # named for the k asked, computed on min(k, n)
     if n < 2:
-        return {"n": float(n), "spearman": float("nan"), f"recall_at_{k}": float("nan")}
+        return {"n": float(n), "spearman": float("nan"), key: float("nan")}
     rank = lambda v: np.argsort(np.argsort(v)).astype(float)  # noqa: E731
     rs = np.corrcoef(rank(est), rank(ex))[0, 1]
-    k = min(k, n)
-    top_exact = set(np.argsort(-np.abs(ex))[:k])
-    top_est = set(np.argsort(-np.abs(est))[:k])
-    return {"n": float(n), "spearman": float(rs), f"recall_at_{k}": len(top_exact & top_est) / k}
+    top = min(k, n)
+    top_exact = set(np.argsort(-np.abs(ex))[:top])
+    top_est = set(np.argsort(-np.abs(est))[:top])
+    return {"n": float(n), "spearman": float(rs), key: len(top_exact & top_est) / top}
