@@ -144,53 +144,73 @@ def baseline(model, anatomy, prompts, patches, options, device):
     return out
 
 
-def layer_flops(anatomy: Anatomy, config, q_tokens: int, k_tokens: int) -> float:
-    """Matmul FLOPs of one decoder layer for q_tokens queries over k_tokens keys."""
+def layer_flops(anatomy: Anatomy, config, q_tokens: int, k_tokens: int,
+                kv_tokens: int | None = None) -> float:
+    """Matmul FLOPs of one decoder layer: queries, o_proj and MLP for q_tokens, attention of
+    those over k_tokens keys, key/value projections for kv_tokens (default q_tokens)."""
     d, dq = anatomy.d_model, anatomy.n_heads * anatomy.head_dim
     dkv = anatomy.n_kv_heads * anatomy.head_dim
-    proj = 2 * d * (dq + 2 * dkv) + 2 * dq * d
     ff = getattr(config, "intermediate_size", None) or 4 * d
     mlp = 2 * 3 * d * ff if hasattr(config, "intermediate_size") else 2 * 2 * d * ff
-    attn = 2 * 2 * k_tokens * dq
-    return q_tokens * (proj + mlp + attn)
+    per_query = 2 * d * dq * 2 + mlp + 2 * 2 * k_tokens * dq
+    kv = 2 * d * 2 * dkv
+    return q_tokens * per_query + (q_tokens if kv_tokens is None else kv_tokens) * kv
 
 
-def engine_flops(anatomy, config, prompts, patches) -> float:
-    """FLOPs the engine's exact strategies need: rows resumed at their layer, last-position
+def engine_flops(anatomy, config, prompts, patches, fused: bool) -> float:
+    """FLOPs the engine's exact strategies need: rows resumed at their layer (with the fused
+    layers, the final layer past its keys and values at the last position only), last-position
     rows recomputing one token, the clean/corrupt/prefix forwards."""
     L = anatomy.n_layers
     total = 0.0
     for p in prompts:
         t = len(p.clean)
         full_layer = layer_flops(anatomy, config, t, t)
-        total += 3 * L * full_layer  # clean, corrupt, prefix for the KV cache
+        final = layer_flops(anatomy, config, 1, t, kv_tokens=t) if fused else full_layer
+        has_last = any(patch.positions == "last" for patch in patches)
+        total += (3 if has_last else 2) * L * full_layer  # clean, corrupt (, prefix KV cache)
         for patch in patches:
             if patch.positions == "last":
                 total += L * layer_flops(anatomy, config, 1, t)
             else:
-                total += (L - patch.layer) * full_layer
+                total += (L - 1 - patch.layer) * full_layer + final
     return total
 
 
-def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
-    n = 4096 if device.type == "cuda" else 1024
+def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float) -> float:
+    """FLOP/s of back-to-back square matmuls kept up for `seconds`: a GPU at its power limit
+    clocks down within a second or two, so a short burst overstates what a sweep of several
+    seconds can reach (an H200 here: ~790 TFLOP/s for 0.2 s, ~660 sustained)."""
+    n = 8192 if device.type == "cuda" else 1024
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
+    a @ b
     sync(device)
-    reps = 20 if device.type == "cuda" else 5
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t)
+    done, t = 0, time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        for _ in range(10):
+            a @ b
+        sync(device)
+        done += 10
+    return 2 * n**3 * done / (time.perf_counter() - t)
 
 
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
+
+
+def time_engine(engine, prompts, patches, options, device):
+    """Seconds for every prompt through `engine` (after one untimed warm-up prompt, which
+    also compiles the fused kernels), and its (patched, clean, corrupt) per prompt."""
+    p = prompts[0]
+    engine.run(p.clean, p.corrupt, p.identity, patches, options)
+    sync(device)
+    t = time.perf_counter()
+    runs = [engine.run(p.clean, p.corrupt, p.identity, patches, options) for p in prompts]
+    out = [(r.patched.cpu(), r.clean.cpu(), r.corrupt.cpu()) for r in runs]
+    return time.perf_counter() - t, out
 
 
 def scores_of(results) -> np.ndarray:
@@ -212,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--chunk-rows", type=int, default=64)
+    parser.add_argument("--fused", choices=["auto", "on", "off"], default="auto",
+                        help="the engine's fused layers: auto = on CUDA for Llama-family "
+                        "models; when on, the hooked engine is timed too")
     parser.add_argument("--parity-dtype", help="also run the engine with the model cast to this "
                         "dtype (e.g. float32) and print the largest score difference")
     parser.add_argument("--skip-baseline", action="store_true",
@@ -228,18 +251,19 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(prompts)} prompt pairs, {min(tokens)}-{max(tokens)} tokens, {len(patches)} "
           f"patches each ({', '.join(args.sweeps)})")
 
-    engine = PatchingEngine(model, anatomy, chunk_rows=args.chunk_rows)
-    engine.run(prompts[0].clean, prompts[0].corrupt, prompts[0].identity, patches[:2], options)
-    sync(device)
-    t = time.perf_counter()
-    ours = []
-    for p in prompts:
-        r = engine.run(p.clean, p.corrupt, p.identity, patches, options)
-        ours.append((r.patched.cpu(), r.clean.cpu(), r.corrupt.cpu()))
-    sync(device)
-    t_ours = time.perf_counter() - t
+    fused = {"auto": None, "on": True, "off": False}[args.fused]
+    engine = PatchingEngine(model, anatomy, chunk_rows=args.chunk_rows, fused=fused)
+    t_ours, ours = time_engine(engine, prompts, patches, options, device)
     mem_ours = peak_memory_gb(device)
     s_ours = scores_of(ours)
+    hooked_line = ""
+    if engine.fused is not None:
+        hooked = PatchingEngine(model, anatomy, chunk_rows=args.chunk_rows, fused=False)
+        t_hooked, by_hooks = time_engine(hooked, prompts, patches, options, device)
+        gap = max(float((a[0] - b[0]).abs().max()) for a, b in zip(ours, by_hooks, strict=True))
+        hooked_line = (f"engine on the model's own layers with hooks {t_hooked:9.2f} s: the "
+                       f"fused layers are {t_hooked / t_ours:.2f}x faster; max |logit "
+                       f"difference| {gap:.1e}")
 
     t = time.perf_counter()
     nums, dens = [], []
@@ -251,11 +275,17 @@ def main(argv: list[str] | None = None) -> int:
     t_atp = time.perf_counter() - t
     s_atp = screen_scores(np.stack(nums), np.array(dens))
 
-    flops = engine_flops(anatomy, model.config, prompts, patches)
-    peak = matmul_peak(device, getattr(torch, args.dtype))
-    print(f"\nengine      {t_ours:9.2f} s   {flops / 1e12:8.2f} TFLOP   "
+    flops = engine_flops(anatomy, model.config, prompts, patches, engine.fused is not None)
+    burst = matmul_peak(device, getattr(torch, args.dtype), 0.2)
+    peak = matmul_peak(device, getattr(torch, args.dtype), min(t_ours, 5.0))
+    kind = "fused" if engine.fused is not None else "hooked"
+    print(f"\nengine ({kind}) {t_ours:9.2f} s   {flops / 1e12:8.2f} TFLOP   "
           f"{flops / t_ours / 1e12:7.2f} TFLOP/s = {flops / t_ours / peak:5.1%} of the measured "
-          f"{args.dtype} matmul peak ({peak / 1e12:.2f} TFLOP/s)   peak memory {mem_ours:.2f} GB")
+          f"{args.dtype} matmul peak sustained for {min(t_ours, 5.0):.1f} s "
+          f"({peak / 1e12:.2f} TFLOP/s; {flops / t_ours / burst:5.1%} of a 0.2 s burst, "
+          f"{burst / 1e12:.2f})   peak memory {mem_ours:.2f} GB")
+    if hooked_line:
+        print(hooked_line)
     heads = [i for i, p in enumerate(patches) if p.component == "head"]
     print(f"AtP screen  {t_atp:9.2f} s   {t_ours / t_atp:6.1f}x faster than the exact sweep")
     for label, idx in (("all patches", list(range(len(patches)))), ("heads", heads)):

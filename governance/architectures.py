@@ -99,7 +99,9 @@ class Anatomy:
     def o_proj_bias(self, i: int) -> torch.Tensor | None:
         return getattr(self.o_proj(i), "bias", None)
 
-    def unembed(self, hidden: torch.Tensor, token_ids: list[int] | None = None) -> torch.Tensor:
+    def unembed(
+        self, hidden: torch.Tensor, token_ids: list[int] | torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits from final-layer hidden states (..., d_model), optionally only for
         `token_ids`, exactly as the model's own head computes them (norm, lm_head, softcap)."""
         h = self.final_norm(hidden)

@@ -16,10 +16,11 @@ import json
 import logging
 import platform
 import time
+from collections.abc import Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import pandas as pd
@@ -276,6 +277,22 @@ def _questions(spec: AuditSpec, given: list[Question] | None) -> tuple[list[Ques
     return sample_questions(loaded, spec.n_questions, spec.seed), file_sha256(path)
 
 
+T = TypeVar("T")
+_END: Any = object()
+
+
+def _one_ahead(items: Iterable[T]) -> Iterator[T]:
+    """Yield each item once the next has been produced: the host queues question k+1 on a
+    GPU before reading question k's results back (a device sync), so the GPU never idles."""
+    it = iter(items)
+    previous = next(it, _END)
+    for item in it:
+        yield previous
+        previous = item
+    if previous is not _END:
+        yield previous
+
+
 def run_audit(
     model: Any,
     spec: AuditSpec,
@@ -341,8 +358,9 @@ def run_audit(
             estimate = _atp(loaded, prompts, patches, option_ids)
             chosen = _top_k(patches, estimate, spec.exact_top_k)
         clean, corrupt, patched = [], [], []
-        for ap in prompts:
-            run = engine.run(ap.clean_ids, ap.corrupt_ids, ap.identity, chosen, option_ids)
+        queued = (engine.run(ap.clean_ids, ap.corrupt_ids, ap.identity, chosen, option_ids)
+                  for ap in prompts)
+        for run in _one_ahead(queued):
             clean.append(run.clean.cpu().numpy())
             corrupt.append(run.corrupt.cpu().numpy())
             patched.append(run.patched.cpu().numpy())

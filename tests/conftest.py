@@ -29,3 +29,22 @@ def plain_tokenizer():
     from governance.tiny import tiny_tokenizer
 
     return tiny_tokenizer(chat_template=False)
+
+
+@pytest.fixture(scope="session")
+def aligned(tokenizer):
+    """Two aligned persona pairs on two questions; the first pair differs in token length
+    (exercises padding). Shared by the engine tests."""
+    from governance.personas import load_catalogue
+    from governance.prompts import PromptBuilder, PromptFormat
+    from governance.questions import Question
+
+    questions = [
+        Question("q1", "math", "Which number is prime?", ("4", "6", "7", "9"), "C"),
+        Question("q2", "geo", "What is the capital of France?",
+                 ("Paris", "London", "Berlin", "Rome"), "A"),
+    ]
+    builder = PromptBuilder(tokenizer, PromptFormat(load_catalogue().instruction()))
+    pairs = [builder.pair("a physically-disabled person", "a human", q) for q in questions]
+    assert pairs[0].padded == "corrupt"
+    return pairs

@@ -239,3 +239,23 @@ def test_screen_agreement_measures(estimate, spearman, recall):
     assert got["spearman"] == pytest.approx(spearman)
     assert got["recall_at_2"] == recall
     assert got["n"] == 5
+
+
+def test_results_are_read_back_one_question_behind():
+    """The audit reads question k's results (a device sync on a GPU) only after question k+1
+    is queued, and still yields every result once, in order."""
+    from governance.audit import _one_ahead
+
+    produced = []
+
+    def runs():
+        for k in range(4):
+            produced.append(k)
+            yield k
+
+    seen = []
+    for k in _one_ahead(runs()):
+        seen.append((k, list(produced)))
+    assert [k for k, _ in seen] == [0, 1, 2, 3]
+    assert [p for _, p in seen[:3]] == [[0, 1], [0, 1, 2], [0, 1, 2, 3]]
+    assert list(_one_ahead([])) == []

@@ -10,16 +10,8 @@ from governance.patching.engine import Patch, PatchingEngine, sweep
 from governance.patching.reference import reference_patch_logits
 from governance.patching.scores import restoration
 from governance.patching.sites import Site, capture, hooked, last_logits
-from governance.personas import load_catalogue
-from governance.prompts import PromptBuilder, PromptFormat
-from governance.questions import Question
 from governance.tiny import TINY_ARCHITECTURES, tiny_model
 
-QUESTIONS = [
-    Question("q1", "math", "Which number is prime?", ("4", "6", "7", "9"), "C"),
-    Question("q2", "geo", "What is the capital of France?", ("Paris", "London", "Berlin", "Rome"),
-             "A"),
-]
 STRATEGIES = {
     "full": dict(resume=False, kv_last=False),
     "resume": dict(resume=True, kv_last=False),
@@ -27,15 +19,6 @@ STRATEGIES = {
 }
 ALL_SWEEPS = [(c, p) for c in ("resid_pre", "mlp_out", "attn_out", "head")
               for p in ("identity", "last", "all")]
-
-
-@pytest.fixture(scope="module")
-def aligned(tokenizer):
-    """Two questions, one pair of different token lengths (exercises padding)."""
-    builder = PromptBuilder(tokenizer, PromptFormat(load_catalogue().instruction()))
-    pairs = [builder.pair("a physically-disabled person", "a human", q) for q in QUESTIONS]
-    assert pairs[0].padded == "corrupt"
-    return pairs
 
 
 @pytest.fixture(scope="module", params=TINY_ARCHITECTURES)

@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import Cache
 
 from governance.architectures import Anatomy
+from governance.patching.fused import FusedDecoder, unfusable_reason
 from governance.patching.sites import COMPONENTS, POSITIONS, Site, capture, hooked, last_logits
 
 
@@ -81,13 +83,15 @@ class PairRun:
     patched: torch.Tensor  # (n_patches, ...)
 
 
-def _row_edit(rows: torch.Tensor, mask: torch.Tensor, clean: torch.Tensor):
-    """Edit for rows `rows` of the batch: where `mask` (rows, pos[, head]) take `clean`."""
+def _row_edit(rows: torch.Tensor, mask: torch.Tensor, clean: torch.Tensor, inplace: bool = False):
+    """Edit for rows `rows` of the batch: where `mask` (rows, pos[, head]) take `clean`.
+    In place for the fused path, which owns its tensors; on a copy inside hooks."""
 
     def edit(x: torch.Tensor) -> torch.Tensor:
         sub = x[rows]
         m = mask.view(*mask.shape, *([1] * (sub.dim() - mask.dim())))
-        x = x.clone()
+        if not inplace:
+            x = x.clone()
         x[rows] = torch.where(m, clean.unsqueeze(0).to(sub.dtype), sub)
         return x
 
@@ -104,19 +108,24 @@ class _LayerInputs:
     kwargs: list[dict]
 
 
+# the residual stream is replayed separately; the recording run's KV cache must not be
+_NOT_REPLAYED = ("hidden_states", "use_cache")
+
+
 def _record_layer_inputs(model: nn.Module, anatomy: Anatomy, ids: torch.Tensor):
     inputs = _LayerInputs([], [], [])
 
     def hook(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         inputs.hidden.append(hidden.detach())
-        inputs.args.append(tuple(args[1:]) if args else ())
-        inputs.kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        inputs.args.append(tuple(None if isinstance(a, Cache) else a for a in args[1:]))
+        inputs.kwargs.append({k: v for k, v in kwargs.items()
+                              if k not in _NOT_REPLAYED and not isinstance(v, Cache)})
 
     handles = [anatomy.layer(i).register_forward_pre_hook(hook, with_kwargs=True)
                for i in range(anatomy.n_layers)]
     try:
-        logits = last_logits(model, ids)
+        logits = last_logits(model, ids, cache=True)
     finally:
         for h in handles:
             h.remove()
@@ -137,6 +146,10 @@ class PatchingEngine:
       corrupted run's key/value cache of the prefix.
     - both off: one full forward per row (the plain batched baseline).
 
+    `fused` runs resumed rows through `FusedDecoder` (fused q/k/v and gate/up matmuls,
+    compiled element-wise kernels, in-place residual stream) instead of the model's own
+    layers with hooks; None (default) turns it on for supported models on CUDA, where it
+    pays off. `compiled` (default: on CUDA) compiles its element-wise kernels.
     `chunk_rows` bounds the rows of one forward (memory).
     """
 
@@ -148,6 +161,8 @@ class PatchingEngine:
         *,
         resume: bool = True,
         kv_last: bool = True,
+        fused: bool | None = None,
+        compiled: bool | None = None,
     ) -> None:
         if chunk_rows < 1:
             raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
@@ -156,6 +171,15 @@ class PatchingEngine:
         self.chunk_rows = chunk_rows
         self.resume = resume
         self.kv_last = kv_last
+        on_cuda = self.device.type == "cuda"
+        if fused is None:
+            fused = on_cuda and resume and unfusable_reason(model, anatomy) is None
+        if fused and not resume:
+            raise ValueError("the fused path resumes rows at their layer: it needs resume=True")
+        self.fused = (
+            FusedDecoder(model, anatomy, compiled=on_cuda if compiled is None else compiled)
+            if fused else None
+        )
 
     @property
     def device(self) -> torch.device:
@@ -177,9 +201,9 @@ class PatchingEngine:
                 f"{len(corrupt_ids)}); align them first (governance.prompts)"
             )
         dev = self.device
-        options = None if option_ids is None else list(option_ids)
-        clean = torch.tensor([list(clean_ids)], device=dev)
-        corrupt = torch.tensor([list(corrupt_ids)], device=dev)
+        options = None if option_ids is None else to_device(list(option_ids), dev)
+        clean = to_device([list(clean_ids)], dev)
+        corrupt = to_device([list(corrupt_ids)], dev)
         sites = sorted({p.site for p in patches})
         acts, clean_logits = capture(self.model, self.anatomy, sites, clean)
         if self.resume:
@@ -196,40 +220,64 @@ class PatchingEngine:
         rest = [i for i, p in enumerate(patches) if not (self.kv_last and p.positions == "last")]
         rest.sort(key=lambda i: patches[i].layer)  # `_resume` needs rows in layer order
         length = len(clean_ids)
-        masks = {pos: position_mask(pos, length, identity).to(dev) for pos in POSITIONS}
+        masks = {pos: position_mask(pos, length, identity) for pos in POSITIONS}
+        if self.fused is not None:
+            self.fused.refresh()
+        final = self.anatomy.n_layers - 1
         for chunk in _chunks(rest, self.chunk_rows):
-            edits = self._edits([patches[i] for i in chunk], acts, masks, slice(None))
+            rows = list(enumerate(patches[i] for i in chunk))
+            edits = self._edits(rows, acts, masks, slice(None),
+                                inplace=self.fused is not None and layer_inputs is not None)
+            if self.fused is not None and layer_inputs is not None:
+                # the fused final layer computes only the last position after its keys and
+                # values: its edits past resid_pre see that position alone
+                at_end = [(r, p) for r, p in rows
+                          if p.layer == final and p.component != "resid_pre"]
+                edits.update(self._edits(at_end, acts, {k: m[-1:] for k, m in masks.items()},
+                                         slice(-1, None), inplace=True))
             if layer_inputs is None:
                 ids = corrupt.expand(len(chunk), length)
                 with hooked(self.model, self.anatomy, edits):
-                    patched[chunk] = pick(last_logits(self.model, ids))
+                    out = pick(last_logits(self.model, ids))
+            elif self.fused is not None:
+                starts = [patches[i].layer for i in chunk]
+                out = self._resume_fused(layer_inputs, starts, edits, options)
             else:
                 starts = [patches[i].layer for i in chunk]
-                patched[chunk] = self._resume(layer_inputs, starts, edits, options)
+                out = self._resume(layer_inputs, starts, edits, options)
+            patched.index_copy_(0, to_device(chunk, dev), out)
         if last:
             prefix = self.model(input_ids=corrupt[:, :-1], use_cache=True).cache
-            one = {"last": torch.ones(1, dtype=torch.bool, device=dev)}
+            one = {"last": torch.ones(1, dtype=torch.bool)}
             for chunk in _chunks(last, self.chunk_rows):
-                edits = self._edits([patches[i] for i in chunk], acts, one, slice(-1, None))
+                edits = self._edits(list(enumerate(patches[i] for i in chunk)), acts, one,
+                                    slice(-1, None))
                 cache = copy.deepcopy(prefix)
                 cache.batch_repeat_interleave(len(chunk))
                 ids = corrupt[:, -1:].expand(len(chunk), 1)
                 with hooked(self.model, self.anatomy, edits):
                     out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-                patched[chunk] = pick(out.logits[:, -1])
+                patched.index_copy_(0, to_device(chunk, dev), pick(out.logits[:, -1]))
         return PairRun(pick(clean_logits[0]), pick(corrupt_logits[0]), patched)
 
-    def _edits(self, chunk: list[Patch], acts, masks, positions: slice):
-        """One edit per site, each replacing its rows' masked positions by clean values."""
+    def _edits(self, rows: list[tuple[int, Patch]], acts, masks, positions: slice,
+               inplace: bool = False):
+        """One edit per site, each replacing its rows' masked positions by clean values;
+        `rows` pairs each patch with its row in the batch."""
         dev = self.device
         by_site: dict[Site, list[tuple[int, Patch]]] = defaultdict(list)
-        for row, patch in enumerate(chunk):
+        for row, patch in rows:
             by_site[patch.site].append((row, patch))
         edits = {}
         for site, members in by_site.items():
-            rows = torch.tensor([r for r, _ in members], device=dev)
-            mask = torch.stack([self._mask(p, masks) for _, p in members])
-            edits[site] = _row_edit(rows, mask, acts[site][0][positions])
+            rows = to_device([r for r, _ in members], dev)
+            mask = torch.stack([masks[p.positions] for _, p in members])  # (rows, pos)
+            if site.component == "head":
+                heads = torch.zeros(len(members), self.anatomy.n_heads, dtype=torch.bool)
+                heads[torch.arange(len(members)), [p.head for _, p in members]] = True
+                mask = mask[:, :, None] & heads[:, None, :]
+            edits[site] = _row_edit(rows, to_device(mask, dev), acts[site][0][positions],
+                                    inplace)
         return edits
 
     def _resume(self, inputs: _LayerInputs, starts: list[int], edits, options):
@@ -248,13 +296,33 @@ class PatchingEngine:
         logits = self.anatomy.unembed(hidden[:, -1], options)
         return logits.float()
 
-    def _mask(self, patch: Patch, masks: dict[str, torch.Tensor]) -> torch.Tensor:
-        pos = masks[patch.positions]
-        if patch.component != "head":
-            return pos
-        heads = torch.zeros(self.anatomy.n_heads, dtype=torch.bool, device=pos.device)
-        heads[patch.head] = True
-        return pos[:, None] & heads[None, :]
+    def _resume_fused(self, inputs: _LayerInputs, starts: list[int], edits, options):
+        """`_resume` through the fused layers: the rows live in one preallocated residual
+        stream, active rows are always a prefix of it (rows come in layer order), and each
+        layer updates that prefix in place. The final layer computes keys and values at every
+        position but the rest only at the last, the one position the logits read."""
+        assert self.fused is not None
+        first = inputs.hidden[starts[0]]
+        stream = torch.empty(len(starts), *first.shape[1:], dtype=first.dtype,
+                             device=first.device)
+        active = 0
+        for i in range(starts[0], self.anatomy.n_layers):
+            joining = sum(1 for s in starts if s == i)
+            if joining:
+                stream[active : active + joining] = inputs.hidden[i]
+                active += joining
+            self.fused.layer(i, stream[:active], inputs.kwargs[i], edits,
+                             last_only=i == self.anatomy.n_layers - 1)
+        return self.anatomy.unembed(stream[:, -1], options).float()
+
+
+def to_device(data, device: torch.device) -> torch.Tensor:
+    """A small host tensor (or nested list) on `device` without a device sync: pinned and
+    copied asynchronously on CUDA, so the host can queue the next work while the GPU runs."""
+    t = data if isinstance(data, torch.Tensor) else torch.tensor(data)
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def _chunks(items: list[int], size: int) -> Iterable[list[int]]:

@@ -115,11 +115,16 @@ def capture(
     """One forward that records every site's tensor; returns (activations, last logits)."""
     store: dict[Site, torch.Tensor] = {}
     with hooked(model, anatomy, {s: capturing(store, s) for s in sites}):
-        logits = last_logits(model, input_ids)
+        logits = last_logits(model, input_ids, cache=True)
     return store, logits
 
 
-def last_logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Next-token logits at the last position, (batch, vocab)."""
-    out = model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
+def last_logits(model: nn.Module, input_ids: torch.Tensor, cache: bool = False) -> torch.Tensor:
+    """Next-token logits at the last position, (batch, vocab).
+
+    `cache=True` runs with a throwaway KV cache. Without a cache (and without a mask),
+    transformers checks the position ids for packed sequences with a device sync on every
+    forward, which stalls a GPU pipeline; use it for one-row forwards, where the cache is
+    small."""
+    out = model(input_ids=input_ids, use_cache=cache, logits_to_keep=1)
     return out.logits[:, -1, :]
