@@ -28,7 +28,7 @@ import torch
 
 from governance.architectures import Anatomy, anatomy_of
 from governance.audit import DEFAULT_COMPONENTS
-from governance.patching.attribution import agreement, atp_numerators, screen_scores
+from governance.patching.attribution import agreement, atp_screen, screen_scores
 from governance.patching.engine import Patch, PatchingEngine, sweep
 from governance.patching.scores import restoration
 from governance.patching.sites import Site, capture, hooked
@@ -265,15 +265,13 @@ def main(argv: list[str] | None = None) -> int:
                        f"fused layers are {t_hooked / t_ours:.2f}x faster; max |logit "
                        f"difference| {gap:.1e}")
 
+    triples = [(p.clean, p.corrupt, p.identity) for p in prompts]
+    atp_screen(model, anatomy, triples[:1], patches, options)  # warm-up
     t = time.perf_counter()
-    nums, dens = [], []
-    for p in prompts:
-        n, d = atp_numerators(model, anatomy, p.clean, p.corrupt, p.identity, patches, options)
-        nums.append(n)
-        dens.append(d)
+    nums, dens = atp_screen(model, anatomy, triples, patches, options)
     sync(device)
     t_atp = time.perf_counter() - t
-    s_atp = screen_scores(np.stack(nums), np.array(dens))
+    s_atp = screen_scores(nums, dens)
 
     flops = engine_flops(anatomy, model.config, prompts, patches, engine.fused is not None)
     burst = matmul_peak(device, getattr(torch, args.dtype), 0.2)

@@ -442,15 +442,12 @@ class _PairScores:
 
 def _atp(loaded, prompts, patches, option_ids) -> np.ndarray:
     """AtP-estimated restoration score of every patch for one pair (never exact)."""
-    from governance.patching.attribution import atp_numerators, screen_scores
+    from governance.patching.attribution import atp_screen, screen_scores
 
-    nums, dens = [], []
-    for ap in prompts:
-        n, d = atp_numerators(loaded.model, loaded.anatomy, ap.clean_ids, ap.corrupt_ids,
-                              ap.identity, patches, option_ids)
-        nums.append(n)
-        dens.append(d)
-    return screen_scores(np.stack(nums), np.array(dens))
+    nums, dens = atp_screen(loaded.model, loaded.anatomy,
+                            [(ap.clean_ids, ap.corrupt_ids, ap.identity) for ap in prompts],
+                            patches, option_ids)
+    return screen_scores(nums, dens)
 
 
 def _top_k(patches, estimate: np.ndarray, k: int | None) -> list:

@@ -25,7 +25,7 @@ from torch import nn
 
 from governance.architectures import Anatomy
 from governance.patching.engine import Patch, position_mask
-from governance.patching.sites import Site, capture, hooked
+from governance.patching.sites import Site, capture, hooked, last_logits
 
 
 def _centre(x: torch.Tensor) -> torch.Tensor:
@@ -46,14 +46,63 @@ def atp_numerators(
     Summing the first over questions and dividing by the summed second gives the estimated
     restoration score S of each patch, comparable with the exact one.
     """
+    nums, dens = atp_batch(model, anatomy, [(clean_ids, corrupt_ids, identity)], patches,
+                           option_ids)
+    return nums[0], float(dens[0])
+
+
+def atp_screen(
+    model: nn.Module,
+    anatomy: Anatomy,
+    prompts: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]],
+    patches: Sequence[Patch],
+    option_ids: Sequence[int],
+    batch_size: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`atp_batch` over any number of (clean, corrupt, identity) prompts, in batches of
+    similar length. `batch_size` defaults to 16 on a GPU, where one prompt at a time leaves
+    it idle, and 1 on a CPU, where padding would only add work."""
+    if batch_size is None:
+        batch_size = 16 if next(model.parameters()).device.type == "cuda" else 1
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i][0]))
+    nums = np.empty((len(prompts), len(patches)))
+    dens = np.empty(len(prompts))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        nums[chunk], dens[chunk] = atp_batch(model, anatomy, [prompts[i] for i in chunk],
+                                             patches, option_ids)
+    return nums, dens
+
+
+def atp_batch(
+    model: nn.Module,
+    anatomy: Anatomy,
+    prompts: Sequence[tuple[Sequence[int], Sequence[int], Sequence[int]]],
+    patches: Sequence[Patch],
+    option_ids: Sequence[int],
+) -> tuple[np.ndarray, np.ndarray]:
+    """AtP numerators (prompt, patch) and d.d (prompt,) for prompts run as one batch.
+
+    Prompts of different lengths are right-padded: in a causal model no real token sees a
+    pad after it, so each row's activations and its logits at its own last position are
+    those of the prompt alone, and pad positions are left out of every sum.
+    """
     device = next(model.parameters()).device
     options = list(option_ids)
-    clean = torch.tensor([list(clean_ids)], device=device)
-    corrupt = torch.tensor([list(corrupt_ids)], device=device)
+    lengths = [len(c) for c, _, _ in prompts]
+    width = max(lengths)
+
+    def padded(ids: Sequence[int]) -> list[int]:
+        return list(ids) + [ids[-1]] * (width - len(ids))
+
+    clean = torch.tensor([padded(c) for c, _, _ in prompts], device=device)
+    corrupt = torch.tensor([padded(k) for _, k, _ in prompts], device=device)
+    last = [n - 1 for n in lengths]
     sites = sorted({p.site for p in patches})
     with torch.inference_mode():
-        clean_acts, clean_logits = capture(model, anatomy, sites, clean)
+        clean_acts, clean_logits = capture(model, anatomy, sites, clean, positions=last)
     clean_acts = {s: a.clone() for s, a in clean_acts.items()}  # leave inference mode
+    clean_logits = clean_logits.clone()
 
     corr_acts: dict[Site, torch.Tensor] = {}
 
@@ -73,31 +122,32 @@ def atp_numerators(
     first = Site("resid_pre", 0)
     edits[first] = (lambda x: keep(first)(leaf(x))) if first in edits else leaf
     with torch.enable_grad(), hooked(model, anatomy, edits):
-        out = model(input_ids=corrupt, use_cache=False, logits_to_keep=1)
-        corr_opt = out.logits[0, -1, options].float()
-        d = (_centre(clean_logits[0, options].float()) - _centre(corr_opt)).detach()
-        metric = (_centre(corr_opt) * d).sum()
+        corr_opt = last_logits(model, corrupt, positions=last)[:, options].float()
+        d = (_centre(clean_logits[:, options].float()) - _centre(corr_opt)).detach()
+        metric = (_centre(corr_opt) * d).sum()  # rows are independent: one backward for all
         tensors = [corr_acts[s] for s in sites]
         grads = torch.autograd.grad(metric, tensors, allow_unused=True)
 
-    per_site: dict[Site, torch.Tensor] = {}
+    kinds = ("identity", "last", "all")
+    masks = torch.zeros(len(prompts), len(kinds), width)
+    for b, ((_, _, identity), n) in enumerate(zip(prompts, lengths, strict=True)):
+        for k, kind in enumerate(kinds):
+            masks[b, k, :n] = position_mask(kind, n, identity)
+    masks = masks.to(device)
+    sums = {}
     for site, a_corr, g in zip(sites, tensors, grads, strict=True):
         if g is None:
-            per_site[site] = torch.zeros(a_corr.shape[:-1], device=device)
-            continue
-        delta = (clean_acts[site].to(a_corr.dtype) - a_corr.detach()) * g
-        per_site[site] = delta.float().sum(-1)[0]  # (pos,) or, for heads, (pos, head)
-    length = len(clean_ids)
-    kinds = ("identity", "last", "all")
-    masks = torch.stack([position_mask(k, length, identity) for k in kinds]).to(device)
-    # one transfer per site: (kind, [head]) sums over each kind of positions
-    sums = {site: (masks.float() @ contrib.reshape(length, -1)).cpu().numpy()
-            for site, contrib in per_site.items()}
-    estimates = np.empty(len(patches))
+            contrib = torch.zeros(a_corr.shape[:-1], device=device)
+        else:
+            contrib = ((clean_acts[site].to(a_corr.dtype) - a_corr.detach()) * g).float().sum(-1)
+        # (prompt, kind, [head]): one transfer per site
+        flat = contrib.reshape(len(prompts), width, -1)
+        sums[site] = torch.einsum("bkt,btx->bkx", masks, flat).cpu().numpy()
+    estimates = np.empty((len(prompts), len(patches)))
     for i, p in enumerate(patches):
-        row = sums[p.site][kinds.index(p.positions)]
-        estimates[i] = row[p.head] if p.component == "head" else row[0]
-    return estimates, float((d * d).sum())
+        by_kind = sums[p.site][:, kinds.index(p.positions)]
+        estimates[:, i] = by_kind[:, p.head] if p.component == "head" else by_kind[:, 0]
+    return estimates, (d * d).sum(-1).cpu().numpy()
 
 
 def screen_scores(numerators: np.ndarray, denominators: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ Hooks are registered inside `hooked()` and always removed, also when a forward r
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import NamedTuple
 
@@ -110,21 +110,32 @@ def capturing(store: dict[Site, torch.Tensor], site: Site) -> Edit:
 
 
 def capture(
-    model: nn.Module, anatomy: Anatomy, sites: list[Site], input_ids: torch.Tensor
+    model: nn.Module, anatomy: Anatomy, sites: list[Site], input_ids: torch.Tensor,
+    positions: Sequence[int] | None = None,
 ) -> tuple[dict[Site, torch.Tensor], torch.Tensor]:
-    """One forward that records every site's tensor; returns (activations, last logits)."""
+    """One forward that records every site's tensor; returns (activations, next-token
+    logits at each row's last position, or at `positions`)."""
     store: dict[Site, torch.Tensor] = {}
     with hooked(model, anatomy, {s: capturing(store, s) for s in sites}):
-        logits = last_logits(model, input_ids, cache=True)
+        logits = last_logits(model, input_ids, cache=True, positions=positions)
     return store, logits
 
 
-def last_logits(model: nn.Module, input_ids: torch.Tensor, cache: bool = False) -> torch.Tensor:
-    """Next-token logits at the last position, (batch, vocab).
+def last_logits(
+    model: nn.Module, input_ids: torch.Tensor, cache: bool = False,
+    positions: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Next-token logits at the last position, or at row b's `positions[b]` (right-padded
+    batches), (batch, vocab).
 
     `cache=True` runs with a throwaway KV cache. Without a cache (and without a mask),
     transformers checks the position ids for packed sequences with a device sync on every
-    forward, which stalls a GPU pipeline; use it for one-row forwards, where the cache is
+    forward, which stalls a GPU pipeline; use it for small batches, where the cache is
     small."""
-    out = model(input_ids=input_ids, use_cache=cache, logits_to_keep=1)
-    return out.logits[:, -1, :]
+    if positions is None:
+        out = model(input_ids=input_ids, use_cache=cache, logits_to_keep=1)
+        return out.logits[:, -1, :]
+    keep = sorted(set(positions))
+    out = model(input_ids=input_ids, use_cache=cache,
+                logits_to_keep=torch.tensor(keep, device=input_ids.device))
+    return out.logits[torch.arange(len(positions)), [keep.index(p) for p in positions]]
