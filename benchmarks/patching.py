@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--chunk-rows", type=int, default=64)
     parser.add_argument("--fused", choices=["auto", "on", "off"], default="auto",
-                        help="the engine's fused layers: auto = on CUDA for Llama-family "
+                        help="the engine's fused layers: auto = on for Llama-family "
                         "models; when on, the hooked engine is timed too")
     parser.add_argument("--parity-dtype", help="also run the engine with the model cast to this "
                         "dtype (e.g. float32) and print the largest score difference")

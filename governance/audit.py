@@ -399,7 +399,8 @@ def run_audit(
         "versions": _versions(),
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "completed_at": pd.Timestamp.now(tz="UTC").isoformat(),
-        "run": {"chunk_rows": chunk_rows},
+        "run": {"chunk_rows": chunk_rows, "fused_layers": engine.fused is not None,
+                "compiled_kernels": engine.fused is not None and engine.fused.compiled},
     }
     meta["noise_floor"] = _floor_statement(pair_table)
     prompts = [

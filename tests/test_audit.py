@@ -85,6 +85,8 @@ def test_meta_records_hash_versions_and_floor(result):
     assert m["versions"]["torch"] == torch.__version__
     assert "noise floor" in m["noise_floor"]
     assert m["option_token_ids"] and len(m["option_token_ids"]) == 4
+    # which engine path produced the scores: the fused layers (a llama), not compiled on a CPU
+    assert m["run"]["fused_layers"] is True and m["run"]["compiled_kernels"] is False
 
 
 def test_save_load_round_trip(result, tmp_path):

@@ -12,10 +12,10 @@ from governance.patching.scores import restoration
 from governance.patching.sites import Site, capture, hooked, last_logits
 from governance.tiny import TINY_ARCHITECTURES, tiny_model
 
-STRATEGIES = {
+STRATEGIES = {  # the hooked paths; tests/test_fused.py checks the fused one the same way
     "full": dict(resume=False, kv_last=False),
-    "resume": dict(resume=True, kv_last=False),
-    "resume+kv": dict(resume=True, kv_last=True),
+    "resume": dict(resume=True, kv_last=False, fused=False),
+    "resume+kv": dict(resume=True, kv_last=True, fused=False),
 }
 ALL_SWEEPS = [(c, p) for c in ("resid_pre", "mlp_out", "attn_out", "head")
               for p in ("identity", "last", "all")]

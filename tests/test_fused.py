@@ -114,8 +114,10 @@ def test_other_architectures_are_refused_with_the_reason(model_type, tokenizer):
         PatchingEngine(model, anatomy, fused=True)
 
 
-def test_fused_is_off_by_default_on_cpu_and_needs_resume(tokenizer):
+def test_fused_is_the_default_where_supported_and_needs_resume(tokenizer):
     model, anatomy = _model("llama", tokenizer)
-    assert PatchingEngine(model, anatomy).fused is None
+    engine = PatchingEngine(model, anatomy)
+    assert engine.fused is not None and not engine.fused.compiled  # compiled on CUDA only
+    assert PatchingEngine(model, anatomy, resume=False).fused is None
     with pytest.raises(ValueError, match="resume=True"):
         PatchingEngine(model, anatomy, resume=False, fused=True)

@@ -148,8 +148,9 @@ class PatchingEngine:
 
     `fused` runs resumed rows through `FusedDecoder` (fused q/k/v and gate/up matmuls,
     compiled element-wise kernels, in-place residual stream) instead of the model's own
-    layers with hooks; None (default) turns it on for supported models on CUDA, where it
-    pays off. `compiled` (default: on CUDA) compiles its element-wise kernels.
+    layers with hooks; None (default) turns it on wherever the model is supported (1.5x on
+    an H200, 1.25x on a 2-core CPU). `compiled` (default: on CUDA, where it pays for its
+    compile time) compiles its element-wise kernels.
     `chunk_rows` bounds the rows of one forward (memory).
     """
 
@@ -173,7 +174,7 @@ class PatchingEngine:
         self.kv_last = kv_last
         on_cuda = self.device.type == "cuda"
         if fused is None:
-            fused = on_cuda and resume and unfusable_reason(model, anatomy) is None
+            fused = resume and unfusable_reason(model, anatomy) is None
         if fused and not resume:
             raise ValueError("the fused path resumes rows at their layer: it needs resume=True")
         self.fused = (
