@@ -231,7 +231,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweeps", nargs="+", default=list(DEFAULT_SWEEPS))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--chunk-rows", type=int, default=64)
+    parser.add_argument("--chunk-rows", type=int,
+                        help="rows per forward (default: the engine's: 32 on a CPU, sized to "
+                        "free memory on a GPU)")
     parser.add_argument("--fused", choices=["auto", "on", "off"], default="auto",
                         help="the engine's fused layers: auto = on for Llama-family "
                         "models; when on, the hooked engine is timed too")

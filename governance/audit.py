@@ -300,7 +300,7 @@ def run_audit(
     questions: list[Question] | None = None,
     device: str | None = None,
     dtype: str | None = None,
-    chunk_rows: int = 32,
+    chunk_rows: int | None = None,
     progress: bool = True,
 ) -> AuditResult:
     """Run the persona-patching audit of `spec` on `model` (a LoadedModel or a source that

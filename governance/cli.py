@@ -70,8 +70,9 @@ def _add_audit(sub) -> None:
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: fp32 on CPU, "
                                    "bf16 on CUDA)")
-    p.add_argument("--chunk-rows", type=int, default=32,
-                   help="patched prompts per forward; lower it to save memory (default 32)")
+    p.add_argument("--chunk-rows", type=int,
+                   help="patched prompts per forward; lower it to save memory (default: 32 "
+                        "on a CPU, on a GPU as many as fit a quarter of its free memory)")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow model code from the model directory (off by default)")
     p.add_argument("--out", required=True, help="output directory")

@@ -84,7 +84,10 @@ class AuditOptions(_Strict):
 
     device: str | None = "cpu"
     dtype: str | None = None
-    chunk_rows: int = Field(32, gt=0)
+    chunk_rows: int | None = Field(
+        None, gt=0, description="patched prompts per forward; None = 32 on a CPU, sized to "
+        "free memory on a GPU"
+    )
     trust_remote_code: bool = False
     torch_threads: int | None = Field(
         None, gt=0, description="CPU threads for torch during an audit; None = torch's default"

@@ -160,3 +160,19 @@ def test_unaligned_prompts_are_refused(tokenizer):
     engine = PatchingEngine(model, anatomy_of(model))
     with pytest.raises(ValueError, match="differ in length"):
         engine.run([1, 2, 3], [1, 2], [1], [Patch("mlp_out", 0, "all")])
+
+
+def test_rows_per_forward_fit_the_memory_budget(tokenizer):
+    """The automatic chunk size: the rows whose activations fit the budget, never 0, capped;
+    the hooked path counts double. On a CPU the engine keeps 32."""
+    from governance.patching.engine import rows_for_memory
+
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    a = anatomy_of(model)  # d_model 32, 4 heads x 8, 2 KV heads, d_ff 64
+    per_row = (4 * 32 + (4 + 2 * 2) * 8 + 4 * 8 + 3 * 64) * 100 * 4  # 100 positions, fp32
+    assert rows_for_memory(a, 64, 100, 4, 10 * per_row) == 10
+    assert rows_for_memory(a, 64, 100, 4, 10 * per_row + per_row - 1) == 10
+    assert rows_for_memory(a, 64, 100, 4, 10 * per_row, hooked=True) == 5
+    assert rows_for_memory(a, 64, 100, 4, per_row // 2) == 1
+    assert rows_for_memory(a, 64, 100, 4, 10**15) == 1024
+    assert PatchingEngine(model, a)._auto_chunk_rows(100) == 32

@@ -151,21 +151,23 @@ class PatchingEngine:
     layers with hooks; None (default) turns it on wherever the model is supported (1.5x on
     an H200, 1.25x on a 2-core CPU). `compiled` (default: on CUDA, where it pays for its
     compile time) compiles its element-wise kernels.
-    `chunk_rows` bounds the rows of one forward (memory).
+    `chunk_rows` bounds the rows of one forward (memory). None (default): 32 on a CPU; on a
+    GPU as many as fit a quarter of its free memory (`rows_for_memory`), since a GPU only
+    reaches its matmul rate with large batches.
     """
 
     def __init__(
         self,
         model: nn.Module,
         anatomy: Anatomy,
-        chunk_rows: int = 32,
+        chunk_rows: int | None = None,
         *,
         resume: bool = True,
         kv_last: bool = True,
         fused: bool | None = None,
         compiled: bool | None = None,
     ) -> None:
-        if chunk_rows < 1:
+        if chunk_rows is not None and chunk_rows < 1:
             raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
         self.model = model
         self.anatomy = anatomy
@@ -221,11 +223,12 @@ class PatchingEngine:
         rest = [i for i, p in enumerate(patches) if not (self.kv_last and p.positions == "last")]
         rest.sort(key=lambda i: patches[i].layer)  # `_resume` needs rows in layer order
         length = len(clean_ids)
+        chunk_rows = self.chunk_rows or self._auto_chunk_rows(length)
         masks = {pos: position_mask(pos, length, identity) for pos in POSITIONS}
         if self.fused is not None:
             self.fused.refresh()
         final = self.anatomy.n_layers - 1
-        for chunk in _chunks(rest, self.chunk_rows):
+        for chunk in _chunks(rest, chunk_rows):
             rows = list(enumerate(patches[i] for i in chunk))
             edits = self._edits(rows, acts, masks, slice(None),
                                 inplace=self.fused is not None and layer_inputs is not None)
@@ -250,7 +253,7 @@ class PatchingEngine:
         if last:
             prefix = self.model(input_ids=corrupt[:, :-1], use_cache=True).cache
             one = {"last": torch.ones(1, dtype=torch.bool)}
-            for chunk in _chunks(last, self.chunk_rows):
+            for chunk in _chunks(last, chunk_rows):
                 edits = self._edits(list(enumerate(patches[i] for i in chunk)), acts, one,
                                     slice(-1, None))
                 cache = copy.deepcopy(prefix)
@@ -280,6 +283,15 @@ class PatchingEngine:
             edits[site] = _row_edit(rows, to_device(mask, dev), acts[site][0][positions],
                                     inplace)
         return edits
+
+    def _auto_chunk_rows(self, length: int) -> int:
+        if self.device.type != "cuda":
+            return 32
+        free, _ = torch.cuda.mem_get_info(self.device)
+        element = next(self.model.parameters()).element_size()
+        ff = getattr(self.model.config, "intermediate_size", None) or 4 * self.anatomy.d_model
+        return rows_for_memory(self.anatomy, ff, length, element, free // 4,
+                               hooked=self.fused is None)
 
     def _resume(self, inputs: _LayerInputs, starts: list[int], edits, options):
         """Run rows from their own layer on: row r joins the batch at layer starts[r]
@@ -315,6 +327,19 @@ class PatchingEngine:
             self.fused.layer(i, stream[:active], inputs.kwargs[i], edits,
                              last_only=i == self.anatomy.n_layers - 1)
         return self.anatomy.unembed(stream[:, -1], options).float()
+
+
+def rows_for_memory(anatomy: Anatomy, d_ff: int, length: int, element_size: int,
+                    budget: int, hooked: bool = False, most: int = 1024) -> int:
+    """Rows of one forward whose activations fit `budget` bytes: per row and position, the
+    residual stream, normed input, q/k/v, attention and MLP outputs and the gate/up
+    intermediates, held together at a layer's peak (twice that on the hooked path, whose
+    edits copy tensors and whose modules keep more alive); between 1 and `most`."""
+    a = anatomy
+    width = (4 * a.d_model + (a.n_heads + 2 * a.n_kv_heads) * a.head_dim
+             + a.n_heads * a.head_dim + 3 * d_ff)
+    per_row = width * length * element_size * (2 if hooked else 1)
+    return max(1, min(most, budget // max(per_row, 1)))
 
 
 def to_device(data, device: torch.device) -> torch.Tensor:
