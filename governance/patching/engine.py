@@ -288,6 +288,8 @@ class PatchingEngine:
         if self.device.type != "cuda":
             return 32
         free, _ = torch.cuda.mem_get_info(self.device)
+        # memory PyTorch has cached but not in use is free for this forward too
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         element = next(self.model.parameters()).element_size()
         ff = getattr(self.model.config, "intermediate_size", None) or 4 * self.anatomy.d_model
         return rows_for_memory(self.anatomy, ff, length, element, free // 4,
