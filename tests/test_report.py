@@ -334,12 +334,13 @@ def _open_artifact(devtools: DevTools, url: str, expect_text: str,
         session=session))
     shot = base64.b64decode(devtools.send("Page.captureScreenshot", {"format": "png"},
                                           session=session)["data"])
-    iframe_sessions = {s for s, u in devtools.frames_by_session.items() if s != session}
+    iframe_sessions = {s for s in list(devtools.frames_by_session) if s != session}
     iframe_frames = _child_frames(devtools, session)
-    iframe_errors = [e for e in devtools.errors
+    errors = list(devtools.errors)  # the reader thread may still append
+    iframe_errors = [e for e in errors
                      if e["session"] in iframe_sessions or e["frame"] in iframe_frames
                      or e["url"].startswith("blob:")]
-    page_errors = [e for e in devtools.errors if e not in iframe_errors]
+    page_errors = [e for e in errors if e not in iframe_errors]
     devtools.send("Target.closeTarget", {"targetId": target})
     return Rendered(shot, rect, text, images, iframe_errors, page_errors)
 
@@ -358,7 +359,8 @@ def _child_frames(devtools: DevTools, session: str) -> set[str]:
 def _iframe_context(devtools: DevTools, session: str):
     """(session, context id) to evaluate inside the artifact iframe, in its own process
     (an attached out-of-process frame) or in the page's process (an isolated world)."""
-    for child, _url in devtools.frames_by_session.items():
+    # a snapshot: the reader thread adds frames as they attach
+    for child in list(devtools.frames_by_session):
         if child != session:
             try:
                 if devtools.evaluate("location.protocol", session=child) == "blob:":

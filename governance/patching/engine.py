@@ -108,7 +108,7 @@ class _LayerInputs:
     kwargs: list[dict]
 
 
-# the residual stream is replayed separately; the recording run's KV cache must not be
+# the residual stream is replayed separately, and the recording run's KV cache must not be
 _NOT_REPLAYED = ("hidden_states", "use_cache")
 
 
@@ -228,11 +228,11 @@ class PatchingEngine:
         if self.fused is not None:
             self.fused.refresh()
         final = self.anatomy.n_layers - 1
+        fused = self.fused is not None and layer_inputs is not None
         for chunk in _chunks(rest, chunk_rows):
             rows = list(enumerate(patches[i] for i in chunk))
-            edits = self._edits(rows, acts, masks, slice(None),
-                                inplace=self.fused is not None and layer_inputs is not None)
-            if self.fused is not None and layer_inputs is not None:
+            edits = self._edits(rows, acts, masks, slice(None), inplace=fused)
+            if fused:
                 # the fused final layer computes only the last position after its keys and
                 # values: its edits past resid_pre see that position alone
                 at_end = [(r, p) for r, p in rows
@@ -243,7 +243,7 @@ class PatchingEngine:
                 ids = corrupt.expand(len(chunk), length)
                 with hooked(self.model, self.anatomy, edits):
                     out = pick(last_logits(self.model, ids))
-            elif self.fused is not None:
+            elif fused:
                 starts = [patches[i].layer for i in chunk]
                 out = self._resume_fused(layer_inputs, starts, edits, options)
             else:
@@ -274,13 +274,13 @@ class PatchingEngine:
             by_site[patch.site].append((row, patch))
         edits = {}
         for site, members in by_site.items():
-            rows = to_device([r for r, _ in members], dev)
+            index = to_device([r for r, _ in members], dev)
             mask = torch.stack([masks[p.positions] for _, p in members])  # (rows, pos)
             if site.component == "head":
                 heads = torch.zeros(len(members), self.anatomy.n_heads, dtype=torch.bool)
                 heads[torch.arange(len(members)), [p.head for _, p in members]] = True
                 mask = mask[:, :, None] & heads[:, None, :]
-            edits[site] = _row_edit(rows, to_device(mask, dev), acts[site][0][positions],
+            edits[site] = _row_edit(index, to_device(mask, dev), acts[site][0][positions],
                                     inplace)
         return edits
 
