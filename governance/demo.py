@@ -93,10 +93,11 @@ def _log_version(client, loaded, experiment_id: str, tags: dict[str, str]) -> st
 
 def register_demo(uri: str, artifacts: Path, model_source: str, plant: Plant) -> list[str]:
     """Register version 1 (champion) and version 2 (planted) unless they already exist."""
-    import mlflow
     from mlflow import MlflowClient
 
     from governance.models import load_model
+    from jobs.config import NightlyConfig
+    from jobs.nightly import mlflow_uris
 
     client = MlflowClient(uri)
     existing = client.search_model_versions(f"name = '{DEMO_MODEL}'")
@@ -106,9 +107,9 @@ def register_demo(uri: str, artifacts: Path, model_source: str, plant: Plant) ->
     if existing:
         raise RuntimeError(f"{uri} holds a partial {DEMO_MODEL!r} registration; remove the "
                            "demo directory and run again")
-    before = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    try:
+    # mlflow_uris restores what was set before, also "nothing": restoring the resolved
+    # default instead pinned later MLflow calls in this process to ./mlflow.db
+    with mlflow_uris(NightlyConfig(tracking_uri=uri)):
         experiment_id = client.create_experiment(
             f"{DEMO_MODEL}-models", artifact_location=str(artifacts / "models"))
         loaded = load_model(model_source, device="cpu", dtype="float32")
@@ -125,8 +126,6 @@ def register_demo(uri: str, artifacts: Path, model_source: str, plant: Plant) ->
         client.update_registered_model(
             DEMO_MODEL, description="persona-governance demo: SmolLM2-135M-Instruct (v1) and "
             "a copy with one attention head scaled up (v2).")
-    finally:
-        mlflow.set_tracking_uri(before if before != uri else None)
     return [v1, v2]
 
 

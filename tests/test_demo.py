@@ -1,6 +1,7 @@
 """`persona-gov demo` end to end on a tiny model (assets overridden), and the asset fetcher."""
 
 import json
+import os
 
 import pytest
 
@@ -27,9 +28,19 @@ def demo(tmp_path_factory, tokenizer):
     argv = ["demo", "--dir", str(root / "store"), "--model", str(model_dir), "--questions",
             str(questions), "--n-questions", "6", "--plant-layer", PLANT[0], "--plant-head",
             PLANT[1], "--plant-scale", PLANT[2]]
+    before = (mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI"))
     code = main(argv)
+    after = (mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI"))
     client = mlflow.MlflowClient(f"sqlite:///{root / 'store' / 'mlflow.db'}")
-    return {"root": root, "argv": argv, "code": code, "client": client}
+    return {"root": root, "argv": argv, "code": code, "client": client,
+            "uris": (before, after)}
+
+
+def test_demo_leaves_the_process_mlflow_uri_as_it_was(demo):
+    """The demo points MLflow at its store only while it registers and audits; pinning the
+    default afterwards made later MLflow calls in the process write ./mlflow.db."""
+    before, after = demo["uris"]
+    assert after == before
 
 
 def test_demo_registers_two_audited_versions(demo, capsys):

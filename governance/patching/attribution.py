@@ -32,25 +32,6 @@ def _centre(x: torch.Tensor) -> torch.Tensor:
     return x - x.mean(dim=-1, keepdim=True)
 
 
-def atp_numerators(
-    model: nn.Module,
-    anatomy: Anatomy,
-    clean_ids: Sequence[int],
-    corrupt_ids: Sequence[int],
-    identity: Sequence[int],
-    patches: Sequence[Patch],
-    option_ids: Sequence[int],
-) -> tuple[np.ndarray, float]:
-    """AtP estimates of each patch's restoration numerator for one question, and d.d.
-
-    Summing the first over questions and dividing by the summed second gives the estimated
-    restoration score S of each patch, comparable with the exact one.
-    """
-    nums, dens = atp_batch(model, anatomy, [(clean_ids, corrupt_ids, identity)], patches,
-                           option_ids)
-    return nums[0], float(dens[0])
-
-
 def atp_screen(
     model: nn.Module,
     anatomy: Anatomy,

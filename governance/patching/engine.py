@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -243,12 +244,9 @@ class PatchingEngine:
                 ids = corrupt.expand(len(chunk), length)
                 with hooked(self.model, self.anatomy, edits):
                     out = pick(last_logits(self.model, ids))
-            elif fused:
-                starts = [patches[i].layer for i in chunk]
-                out = self._resume_fused(layer_inputs, starts, edits, options)
             else:
-                starts = [patches[i].layer for i in chunk]
-                out = self._resume(layer_inputs, starts, edits, options)
+                out = self._resume(layer_inputs, [patches[i].layer for i in chunk], edits,
+                                   options)
             patched.index_copy_(0, to_device(chunk, dev), out)
         if last:
             prefix = self.model(input_ids=corrupt[:, :-1], use_cache=True).cache
@@ -298,36 +296,30 @@ class PatchingEngine:
     def _resume(self, inputs: _LayerInputs, starts: list[int], edits, options):
         """Run rows from their own layer on: row r joins the batch at layer starts[r]
         (ascending) with the corrupted residual stream entering that layer, so every row
-        costs exactly the layers at and after its patch."""
-        first = starts[0]
-        hidden = inputs.hidden[first][:0]
-        with hooked(self.model, self.anatomy, edits):
-            for i in range(first, self.anatomy.n_layers):
-                joining = sum(1 for s in starts if s == i)
-                if joining:
-                    hidden = torch.cat([hidden, inputs.hidden[i].expand(joining, -1, -1)])
-                out = self.anatomy.layer(i)(hidden, *inputs.args[i], **inputs.kwargs[i])
-                hidden = out if isinstance(out, torch.Tensor) else out[0]
-        logits = self.anatomy.unembed(hidden[:, -1], options)
-        return logits.float()
+        costs exactly the layers at and after its patch. The rows live in one preallocated
+        residual stream; active rows are always a prefix of it (rows come in layer order).
 
-    def _resume_fused(self, inputs: _LayerInputs, starts: list[int], edits, options):
-        """`_resume` through the fused layers: the rows live in one preallocated residual
-        stream, active rows are always a prefix of it (rows come in layer order), and each
-        layer updates that prefix in place. The final layer computes keys and values at every
-        position but the rest only at the last, the one position the logits read."""
-        assert self.fused is not None
+        Through the fused layers (when on) each layer updates that prefix in place, and the
+        final one computes keys and values at every position but the rest only at the last,
+        the one position the logits read; otherwise the model's own layers run with hooks."""
         first = inputs.hidden[starts[0]]
         stream = torch.empty(len(starts), *first.shape[1:], dtype=first.dtype,
                              device=first.device)
         active = 0
-        for i in range(starts[0], self.anatomy.n_layers):
-            joining = sum(1 for s in starts if s == i)
-            if joining:
-                stream[active : active + joining] = inputs.hidden[i]
-                active += joining
-            self.fused.layer(i, stream[:active], inputs.kwargs[i], edits,
-                             last_only=i == self.anatomy.n_layers - 1)
+        fused = self.fused
+        with nullcontext() if fused is not None else hooked(self.model, self.anatomy, edits):
+            for i in range(starts[0], self.anatomy.n_layers):
+                joining = sum(1 for s in starts if s == i)
+                if joining:
+                    stream[active : active + joining] = inputs.hidden[i]
+                    active += joining
+                x = stream[:active]
+                if fused is not None:
+                    fused.layer(i, x, inputs.kwargs[i], edits,
+                                last_only=i == self.anatomy.n_layers - 1)
+                else:
+                    out = self.anatomy.layer(i)(x, *inputs.args[i], **inputs.kwargs[i])
+                    x.copy_(out if isinstance(out, torch.Tensor) else out[0])
         return self.anatomy.unembed(stream[:, -1], options).float()
 
 

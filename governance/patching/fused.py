@@ -131,12 +131,11 @@ def unfusable_reason(model: nn.Module, anatomy: Anatomy) -> str | None:
     if act != "silu":
         return f"activation {act!r} is not silu"
     layer = anatomy.layer(0)
-    attn, mlp = layer.self_attn, layer.mlp
-    for name, module in (("self_attn", attn), ("mlp", mlp)):
-        for part in ("q_proj", "k_proj", "v_proj", "o_proj") if name == "self_attn" else (
-                "gate_proj", "up_proj", "down_proj"):
-            if not isinstance(getattr(module, part, None), nn.Linear):
-                return f"layer 0's {name}.{part} is not an nn.Linear (quantized or unknown)"
+    for path in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+        module, part = path.split(".")
+        if not isinstance(getattr(getattr(layer, module, None), part, None), nn.Linear):
+            return f"layer 0's {path} is not an nn.Linear (quantized or unknown)"
     for norm in ("input_layernorm", "post_attention_layernorm"):
         if not hasattr(getattr(layer, norm, None), "variance_epsilon"):
             return f"layer 0's {norm} is not an RMSNorm"
