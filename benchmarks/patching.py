@@ -1,23 +1,27 @@
-"""Benchmark: the engine against a TransformerLens-style loop, side by side in one run.
+"""Benchmark: the engine against a TransformerLens-style loop and TransformerLens itself,
+side by side in one run.
 
 Same model, same prompts, same patches. The baseline is the loop TransformerLens's
 patching helpers run: the clean activations cached once, then one full forward per patch
 with a hook, full logits at every position, and a device sync per patch. The script asserts
 that both give the same restoration scores, then prints the speedup, the FLOPs the engine
 spent, the fraction of the measured matmul peak, peak memory, and the AtP screen's speed and
-agreement with exact patching.
+agreement with exact patching. Where TransformerLens is installed (a dev dependency), it
+also times TransformerLens's own per-head sweep, `get_act_patch_attn_head_out_all_pos`, on
+the same weights against the engine's head sweep and checks that they agree.
 
-    # CPU, the real small model, 4 MMLU prompt pairs (about 10 minutes on 2 cores)
+    # CPU, the real small model, 4 MMLU prompt pairs (about 20 minutes on 2 cores)
     python benchmarks/patching.py --model smollm2-135m-instruct --pairs 4
 
     # one GPU, Llama-3.2-1B shape with random weights, bf16
     python benchmarks/patching.py --shape llama-3.2-1b --pairs 64 --tokens 160 \\
-        --device cuda --dtype bfloat16 --sweeps head:all --chunk-rows 512
+        --device cuda --dtype bfloat16 --sweeps head:all --parity-dtype float32
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import resource
 import sys
 import time
@@ -144,6 +148,38 @@ def baseline(model, anatomy, prompts, patches, options, device):
     return out
 
 
+def transformer_lens_heads(model, prompts: list[Prompt], options, device):
+    """TransformerLens's own per-head sweep (`governance.patching.peers`) with the logit
+    difference of the first two options at the last position as its metric: seconds, the
+    prompt groups (one batch per prompt length, as its helper needs) and the metric per
+    (group, layer, head). None where TransformerLens is not installed."""
+    try:
+        from governance.patching.peers import head_sweep, to_transformer_lens
+
+        tl = to_transformer_lens(model)
+    except ImportError:
+        return None
+    a, b = options[:2]
+
+    def logit_diff(logits):
+        return (logits[:, -1, a] - logits[:, -1, b]).float().mean()
+
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(prompts):
+        groups.setdefault(len(p.clean), []).append(i)
+    out = []
+    sync(device)
+    t = time.perf_counter()
+    for members in groups.values():
+        clean = torch.tensor([prompts[i].clean for i in members], device=device)
+        corrupt = torch.tensor([prompts[i].corrupt for i in members], device=device)
+        out.append(head_sweep(tl, clean, corrupt, logit_diff).cpu())
+    sync(device)
+    seconds = time.perf_counter() - t
+    del tl
+    return seconds, list(groups.values()), out
+
+
 def layer_flops(anatomy: Anatomy, config, q_tokens: int, k_tokens: int,
                 kv_tokens: int | None = None) -> float:
     """Matmul FLOPs of one decoder layer: queries, o_proj and MLP for q_tokens, attention of
@@ -201,12 +237,19 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6
 
 
-def time_engine(engine, prompts, patches, options, device):
-    """Seconds for every prompt through `engine` (after one untimed warm-up prompt, which
-    also compiles the fused kernels), and its (patched, clean, corrupt) per prompt."""
-    p = prompts[0]
-    engine.run(p.clean, p.corrupt, p.identity, patches, options)
-    sync(device)
+def time_engine(engine, prompts, patches, options, device, warmup: float = 0.0):
+    """Seconds for every prompt through `engine`, and its (patched, clean, corrupt) per prompt.
+    Untimed first: one prompt (which also compiles the fused kernels), then more until
+    `warmup` seconds have passed. On an H200 the first ~20 s of sweeps in a process ran
+    slower, whether the host ran ahead or synced after each prompt (64 prompts: 14.6 s on
+    the first pass, then 11.0-11.6 s; cause not found), so GPU timings warm up 30 s."""
+    start = time.perf_counter()
+    for i in itertools.count():
+        p = prompts[i % len(prompts)]
+        engine.run(p.clean, p.corrupt, p.identity, patches, options)
+        sync(device)
+        if time.perf_counter() - start >= warmup:
+            break
     t = time.perf_counter()
     runs = [engine.run(p.clean, p.corrupt, p.identity, patches, options) for p in prompts]
     out = [(r.patched.cpu(), r.clean.cpu(), r.corrupt.cpu()) for r in runs]
@@ -239,12 +282,22 @@ def main(argv: list[str] | None = None) -> int:
                         "models; when on, the hooked engine is timed too")
     parser.add_argument("--parity-dtype", help="also run the engine with the model cast to this "
                         "dtype (e.g. float32) and print the largest score difference")
+    parser.add_argument("--transformer-lens", choices=["auto", "off"], default="auto",
+                        help="auto: also time TransformerLens's own per-head sweep where it "
+                        "is installed (pip install transformer-lens)")
+    parser.add_argument("--warmup", type=float,
+                        help="seconds of untimed engine runs before each engine timing "
+                        "(default: 30 on a GPU; on a CPU one prompt)")
+    parser.add_argument("--skip-hooked", action="store_true",
+                        help="do not time the engine on the model's own layers with hooks")
     parser.add_argument("--skip-baseline", action="store_true",
                         help="time only the engine and the screen")
     parser.add_argument("--baseline-prompts", type=int,
                         help="run the baseline on this many prompts and scale its time")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
+    if args.warmup is None:
+        args.warmup = 30.0 if device.type == "cuda" else 0.0
     model, anatomy, prompts, options = load(args)
     patches = sweep(anatomy, [tuple(s.split(":")) for s in args.sweeps])
     tokens = [len(p.clean) for p in prompts]
@@ -255,13 +308,16 @@ def main(argv: list[str] | None = None) -> int:
 
     fused = {"auto": None, "on": True, "off": False}[args.fused]
     engine = PatchingEngine(model, anatomy, chunk_rows=args.chunk_rows, fused=fused)
-    t_ours, ours = time_engine(engine, prompts, patches, options, device)
+    t_ours, ours = time_engine(engine, prompts, patches, options, device, args.warmup)
     mem_ours = peak_memory_gb(device)
     s_ours = scores_of(ours)
     hooked_line = ""
-    if engine.fused is not None:
+    rows = engine.rows_per_forward(max(tokens))
+    print(f"rows per forward: {rows}" + ("" if args.chunk_rows else " (sized by the engine)"))
+    if engine.fused is not None and not args.skip_hooked:
         hooked = PatchingEngine(model, anatomy, chunk_rows=args.chunk_rows, fused=False)
-        t_hooked, by_hooks = time_engine(hooked, prompts, patches, options, device)
+        t_hooked, by_hooks = time_engine(hooked, prompts, patches, options, device,
+                                         args.warmup)
         gap = max(float((a[0] - b[0]).abs().max()) for a, b in zip(ours, by_hooks, strict=True))
         hooked_line = (f"engine on the model's own layers with hooks {t_hooked:9.2f} s: the "
                        f"fused layers are {t_hooked / t_ours:.2f}x faster; max |logit "
@@ -305,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"parity      {args.dtype} vs {args.parity_dtype}: max |S difference| {gap:.2e}, "
               f"mean {float(np.nanmean(np.abs(s_ours - s_ref32))):.2e}")
         model.to(getattr(torch, args.dtype))
+    if args.transformer_lens == "auto" and not compare_transformer_lens(
+            model, anatomy, engine, prompts, patches, options, device, args, t_ours, ours):
+        return 1
     if args.skip_baseline:
         return 0
     n_base = args.baseline_prompts or len(prompts)
@@ -329,6 +388,38 @@ def main(argv: list[str] | None = None) -> int:
         print(f"FAIL: patched logits differ by more than {tol}", file=sys.stderr)
         return 1
     return 0
+
+
+def compare_transformer_lens(model, anatomy, engine, prompts, patches, options, device, args,
+                             t_ours, ours) -> bool:
+    """Time TransformerLens's per-head sweep beside the engine's on the same head patches and
+    check they agree; False if they disagree. Prints why it is skipped where TL is missing."""
+    heads = sweep(anatomy, [("head", "all")])
+    if patches != heads:  # time the engine on the head sweep alone
+        t_ours, ours = time_engine(engine, prompts, heads, options, device, args.warmup)
+    tl = transformer_lens_heads(model, prompts, options, device)
+    if tl is None:
+        print("TransformerLens is not installed: its own sweep was not timed "
+              "(pip install transformer-lens)")
+        return True
+    from importlib.metadata import version
+
+    t_tl, groups, metric = tl
+    ours_metric = [torch.stack([ours[i][0][:, 0] - ours[i][0][:, 1] for i in members]).mean(0)
+                   .view(anatomy.n_layers, anatomy.n_heads) for members in groups]
+    gap = max(float((m - o).abs().max()) for m, o in zip(metric, ours_metric, strict=True))
+    span = max(float(o.max() - o.min()) for o in ours_metric) or 1.0
+    print(f"\nTransformerLens {version('transformer-lens')} get_act_patch_attn_head_out_all_pos "
+          f"{t_tl:9.2f} s ({len(groups)} batch(es) of one prompt length)   engine on the same "
+          f"{len(heads)} head patches {t_ours:.2f} s   speedup {t_tl / t_ours:6.2f}x")
+    print(f"  agreement: max |logit-difference metric difference| {gap:.1e} "
+          f"({gap / span:.1e} of its range over heads)")
+    tol = 1e-4 if args.dtype == "float32" else 0.25
+    if gap > tol:
+        print(f"FAIL: TransformerLens's metric differs from the engine's by more than {tol}",
+              file=sys.stderr)
+        return False
+    return True
 
 
 def _centred(x: torch.Tensor) -> np.ndarray:

@@ -175,4 +175,5 @@ def test_rows_per_forward_fit_the_memory_budget(tokenizer):
     assert rows_for_memory(a, 64, 100, 4, 10 * per_row, hooked=True) == 5
     assert rows_for_memory(a, 64, 100, 4, per_row // 2) == 1
     assert rows_for_memory(a, 64, 100, 4, 10**15) == 1024
-    assert PatchingEngine(model, a)._auto_chunk_rows(100) == 32
+    assert PatchingEngine(model, a).rows_per_forward(100) == 32
+    assert PatchingEngine(model, a, chunk_rows=7).rows_per_forward(100) == 7

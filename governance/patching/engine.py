@@ -173,6 +173,7 @@ class PatchingEngine:
         self.model = model
         self.anatomy = anatomy
         self.chunk_rows = chunk_rows
+        self._memory_budget: int | None = None
         self.resume = resume
         self.kv_last = kv_last
         on_cuda = self.device.type == "cuda"
@@ -224,7 +225,7 @@ class PatchingEngine:
         rest = [i for i, p in enumerate(patches) if not (self.kv_last and p.positions == "last")]
         rest.sort(key=lambda i: patches[i].layer)  # `_resume` needs rows in layer order
         length = len(clean_ids)
-        chunk_rows = self.chunk_rows or self._auto_chunk_rows(length)
+        chunk_rows = self.rows_per_forward(length)
         masks = {pos: position_mask(pos, length, identity) for pos in POSITIONS}
         if self.fused is not None:
             self.fused.refresh()
@@ -282,15 +283,24 @@ class PatchingEngine:
                                     inplace)
         return edits
 
-    def _auto_chunk_rows(self, length: int) -> int:
+    def rows_per_forward(self, length: int) -> int:
+        """Rows of one batched forward for prompts of `length` tokens: `chunk_rows` if set;
+        else 32 on a CPU and, on a GPU, as many as fit a quarter of its free memory."""
+        if self.chunk_rows is not None:
+            return self.chunk_rows
         if self.device.type != "cuda":
             return 32
-        free, _ = torch.cuda.mem_get_info(self.device)
-        # memory PyTorch has cached but not in use is free for this forward too
-        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        if self._memory_budget is None:
+            # asked once: the driver's free-memory query waits for the GPU, and a query per
+            # question cost an H200 audit a third of its speed (the host stopped running ahead)
+            free, _ = torch.cuda.mem_get_info(self.device)
+            # memory PyTorch has cached but not in use is free for these forwards too
+            free += (torch.cuda.memory_reserved(self.device)
+                     - torch.cuda.memory_allocated(self.device))
+            self._memory_budget = free // 4
         element = next(self.model.parameters()).element_size()
         ff = getattr(self.model.config, "intermediate_size", None) or 4 * self.anatomy.d_model
-        return rows_for_memory(self.anatomy, ff, length, element, free // 4,
+        return rows_for_memory(self.anatomy, ff, length, element, self._memory_budget,
                                hooked=self.fused is None)
 
     def _resume(self, inputs: _LayerInputs, starts: list[int], edits, options):
