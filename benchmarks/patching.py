@@ -10,7 +10,8 @@ agreement with exact patching. Where TransformerLens is installed (a dev depende
 also times TransformerLens's own per-head sweep, `get_act_patch_attn_head_out_all_pos`, on
 the same weights against the engine's head sweep and checks that they agree.
 
-    # CPU, the real small model, 4 MMLU prompt pairs (about 20 minutes on 2 cores)
+    # CPU, the real small model, 4 MMLU prompt pairs (about 35 minutes on 2 cores,
+    # most of it the TransformerLens-style loop and TransformerLens)
     python benchmarks/patching.py --model smollm2-135m-instruct --pairs 4
 
     # one GPU, Llama-3.2-1B shape with random weights, bf16
@@ -394,9 +395,6 @@ def compare_transformer_lens(model, anatomy, engine, prompts, patches, options, 
                              t_ours, ours) -> bool:
     """Time TransformerLens's per-head sweep beside the engine's on the same head patches and
     check they agree; False if they disagree. Prints why it is skipped where TL is missing."""
-    heads = sweep(anatomy, [("head", "all")])
-    if patches != heads:  # time the engine on the head sweep alone
-        t_ours, ours = time_engine(engine, prompts, heads, options, device, args.warmup)
     tl = transformer_lens_heads(model, prompts, options, device)
     if tl is None:
         print("TransformerLens is not installed: its own sweep was not timed "
@@ -405,6 +403,9 @@ def compare_transformer_lens(model, anatomy, engine, prompts, patches, options, 
     from importlib.metadata import version
 
     t_tl, groups, metric = tl
+    heads = sweep(anatomy, [("head", "all")])
+    if patches != heads:  # time the engine on the head sweep alone
+        t_ours, ours = time_engine(engine, prompts, heads, options, device, args.warmup)
     ours_metric = [torch.stack([ours[i][0][:, 0] - ours[i][0][:, 1] for i in members]).mean(0)
                    .view(anatomy.n_layers, anatomy.n_heads) for members in groups]
     gap = max(float((m - o).abs().max()) for m, o in zip(metric, ours_metric, strict=True))
