@@ -86,9 +86,19 @@ def test_batched_atp_on_gpu_equals_one_prompt_at_a_time():
 
 
 def test_rows_per_forward_sized_once_from_free_memory():
+    """Rows fit a quarter of the free memory measured at the first call; memory taken later
+    does not change them (the driver is asked once: the query waits for the GPU)."""
+    from governance.patching.engine import rows_for_memory
+
     model, a = _model()
     engine = PatchingEngine(model, a)
-    rows = engine.rows_per_forward(100)
-    assert 1 <= rows <= 1024
-    assert engine.rows_per_forward(100) == rows  # the driver is asked once
-    assert engine.rows_per_forward(1000) <= rows
+    length = 200_000  # long enough that the tiny model's rows stay under the 1024 cap
+    rows = engine.rows_per_forward(length)
+    free, _ = torch.cuda.mem_get_info()
+    budget = engine._memory_budget
+    assert free // 8 <= budget <= free // 2  # a quarter of free (+ PyTorch's cached) memory
+    expected = rows_for_memory(a, model.config.intermediate_size, length, 4, budget)
+    assert rows == expected and 1 < rows < 1024
+    taken = torch.empty(free // 2, dtype=torch.uint8, device="cuda")
+    assert engine.rows_per_forward(length) == rows
+    del taken

@@ -230,7 +230,7 @@ class PatchingEngine:
         if self.fused is not None:
             self.fused.refresh()
         final = self.anatomy.n_layers - 1
-        fused = self.fused is not None and layer_inputs is not None
+        fused = self.fused is not None  # implies resume, so layer_inputs is recorded
         for chunk in _chunks(rest, chunk_rows):
             rows = list(enumerate(patches[i] for i in chunk))
             edits = self._edits(rows, acts, masks, slice(None), inplace=fused)
