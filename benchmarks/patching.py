@@ -34,7 +34,14 @@ import torch
 from governance.architectures import Anatomy, anatomy_of
 from governance.audit import DEFAULT_COMPONENTS
 from governance.patching.attribution import agreement, atp_screen, screen_scores
-from governance.patching.engine import Patch, PatchingEngine, sweep
+from governance.patching.engine import (
+    Patch,
+    PatchingEngine,
+    first_difference,
+    patch_begin,
+    position_mask,
+    sweep,
+)
 from governance.patching.scores import restoration
 from governance.patching.sites import Site, capture, hooked
 
@@ -195,22 +202,33 @@ def layer_flops(anatomy: Anatomy, config, q_tokens: int, k_tokens: int,
 
 
 def engine_flops(anatomy, config, prompts, patches, fused: bool) -> float:
-    """FLOPs the engine's exact strategies need: rows resumed at their layer (with the fused
-    layers, the final layer past its keys and values at the last position only), last-position
-    rows recomputing one token, the clean/corrupt/prefix forwards."""
+    """FLOPs the engine's exact strategies need. Fused: the clean and corrupted runs, then
+    each row resumed at its layer on the positions from its `patch_begin` on (attending to
+    every earlier key), the final layer past its keys and values at the last position only.
+    Hooked: the clean/corrupt/prefix forwards, rows resumed at their layer on every position,
+    last-position rows recomputing one token."""
     L = anatomy.n_layers
     total = 0.0
     for p in prompts:
         t = len(p.clean)
         full_layer = layer_flops(anatomy, config, t, t)
-        final = layer_flops(anatomy, config, 1, t, kv_tokens=t) if fused else full_layer
+        if fused:
+            first = first_difference(p.clean, p.corrupt)
+            masks = {pos: position_mask(pos, t, p.identity) for pos in ("all", "last",
+                                                                         "identity")}
+            total += 2 * L * full_layer
+            for patch in patches:
+                q = t - patch_begin(masks[patch.positions], first)
+                total += ((L - 1 - patch.layer) * layer_flops(anatomy, config, q, t, q)
+                          + layer_flops(anatomy, config, 1, t, kv_tokens=q))
+            continue
         has_last = any(patch.positions == "last" for patch in patches)
         total += (3 if has_last else 2) * L * full_layer  # clean, corrupt (, prefix KV cache)
         for patch in patches:
             if patch.positions == "last":
                 total += L * layer_flops(anatomy, config, 1, t)
             else:
-                total += (L - 1 - patch.layer) * full_layer + final
+                total += (L - patch.layer) * full_layer
     return total
 
 

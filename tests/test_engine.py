@@ -13,9 +13,9 @@ from governance.patching.sites import Site, capture, hooked, last_logits
 from governance.tiny import TINY_ARCHITECTURES, tiny_model
 
 STRATEGIES = {  # the hooked paths; tests/test_fused.py checks the fused one the same way
-    "full": dict(resume=False, kv_last=False),
-    "resume": dict(resume=True, kv_last=False, fused=False),
-    "resume+kv": dict(resume=True, kv_last=True, fused=False),
+    "full": dict(resume=False, prefix=False),
+    "resume": dict(resume=True, prefix=False, fused=False),
+    "resume+prefix": dict(resume=True, prefix=True, fused=False),
 }
 ALL_SWEEPS = [(c, p) for c in ("resid_pre", "mlp_out", "attn_out", "head")
               for p in ("identity", "last", "all")]
@@ -153,6 +153,22 @@ def test_patch_validation():
         Patch("head", 0, "all")
     with pytest.raises(ValueError, match="take no head"):
         Patch("mlp_out", 0, "all", head=1)
+
+
+def test_patch_begin_is_the_first_position_a_patch_can_change():
+    from governance.patching.engine import first_difference, patch_begin, position_mask
+
+    assert first_difference([1, 2, 3, 4], [1, 2, 9, 4]) == 2
+    assert first_difference([1, 2], [1, 2]) == 2
+    identity = [3, 4, 5]
+    assert patch_begin(position_mask("all", 10, identity), 4) == 4
+    assert patch_begin(position_mask("identity", 10, identity), 2) == 3
+    assert patch_begin(position_mask("identity", 10, identity), 4) == 4
+    assert patch_begin(position_mask("last", 10, identity), 4) == 9
+    # nothing to change (identical prompts, or every patched position before the difference):
+    # only the last position is computed, where the logits are read
+    assert patch_begin(position_mask("all", 10, identity), 10) == 9
+    assert patch_begin(position_mask("identity", 10, identity), 7) == 9
 
 
 def test_unaligned_prompts_are_refused(tokenizer):

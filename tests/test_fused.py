@@ -121,3 +121,58 @@ def test_fused_is_the_default_where_supported_and_needs_resume(tokenizer):
     assert PatchingEngine(model, anatomy, resume=False).fused is None
     with pytest.raises(ValueError, match="resume=True"):
         PatchingEngine(model, anatomy, resume=False, fused=True)
+
+
+def test_fused_engine_without_prefix_reuse_matches_reference_loop(tokenizer, aligned):
+    """prefix=False: every row recomputes every position (the prefix path's own check is
+    the default in the tests above)."""
+    model, anatomy = _model("qwen3", tokenizer, "sdpa")
+    engine = PatchingEngine(model, anatomy, chunk_rows=16, prefix=False, fused=True,
+                            compiled=False)
+    patches = sweep(anatomy, [("head", "all"), ("mlp_out", "last"), ("resid_pre", "identity")])
+    _assert_matches_reference(model, anatomy, aligned[:2], patches, engine)
+
+
+def _forwards_of(model):
+    calls = []
+    handle = model.model.register_forward_pre_hook(lambda *args: calls.append(1))
+    return calls, handle
+
+
+def test_fused_engine_never_runs_the_model_forward(tokenizer, aligned):
+    """The clean and corrupted runs go through the fused layers too: the model's own
+    forward (slow on the host, which then cannot keep a GPU fed) is not called, unless a
+    sliding window shorter than the prompt needs its mask."""
+    a = aligned[0]
+    patches = sweep(anatomy_of(tiny_model("llama", vocab_size=len(tokenizer))), ALL_SWEEPS)
+    for overrides, expect_forward in ((dict(), False), (dict(sliding_window=8), True),
+                                      (dict(sliding_window=4096), False)):
+        model, anatomy = _model("mistral", tokenizer, "sdpa", **overrides)
+        engine = PatchingEngine(model, anatomy, fused=True, compiled=False)
+        calls, handle = _forwards_of(model)
+        try:
+            engine.run(a.clean_ids, a.corrupt_ids, a.identity, patches)
+        finally:
+            handle.remove()
+        assert bool(calls) == expect_forward, overrides
+        kwargs = engine.fused.layer_kwargs(len(a.clean_ids))
+        assert (kwargs is None) == expect_forward
+
+
+def test_fused_prefix_is_what_the_layer_computes_there(tokenizer, aligned):
+    """prefix_qkv gives the queries, keys and values the layer computes at those positions
+    (checked through a row that resumes after the prefix: it equals the full row)."""
+    model, anatomy = _model("qwen3", tokenizer, "sdpa")
+    fused = FusedDecoder(model, anatomy)
+    fused.refresh()
+    ids = torch.tensor([list(aligned[0].clean_ids)])
+    length, begin = ids.shape[1], 7
+    kwargs = fused.layer_kwargs(length)
+    with torch.inference_mode():
+        full = fused.embed(ids)
+        part = full[:, begin:].clone()
+        for i in range(anatomy.n_layers):
+            prefix = fused.prefix_qkv(i, full[:, :begin], kwargs)
+            fused.layer(i, full, kwargs, {})
+            fused.layer(i, part, kwargs, {}, prefix=prefix)
+            torch.testing.assert_close(part, full[:, begin:], atol=1e-5, rtol=1e-5)

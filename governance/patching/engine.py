@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +19,15 @@ from transformers import Cache
 
 from governance.architectures import Anatomy
 from governance.patching.fused import FusedDecoder, unfusable_reason
-from governance.patching.sites import COMPONENTS, POSITIONS, Site, capture, hooked, last_logits
+from governance.patching.sites import (
+    COMPONENTS,
+    POSITIONS,
+    Edit,
+    Site,
+    capture,
+    hooked,
+    last_logits,
+)
 
 
 @dataclass(frozen=True, order=True)
@@ -136,22 +143,25 @@ def _record_layer_inputs(model: nn.Module, anatomy: Anatomy, ids: torch.Tensor):
 class PatchingEngine:
     """Batched exact patching on one model.
 
-    Each patch is one row of a batched forward of the corrupted prompt. Three exact
-    strategies, all checked against the reference loop in the tests:
+    Each patch is one row of a batched forward of the corrupted prompt. Exact strategies,
+    all checked against the reference loop in the tests:
 
     - `resume` (default): a patch at layer l starts from the corrupted run's residual
       stream entering layer l, so layers 0..l-1 are never recomputed; logits only at the
       last position, only for the option tokens.
-    - `kv_last` (default): a patch at the last position alone leaves every earlier position
-      as in the corrupted run, so only the last token is recomputed, attending to the
-      corrupted run's key/value cache of the prefix.
+    - `prefix` (default): positions before the first one a patch changes are the corrupted
+      run's (the prompts agree there, or the patch does not touch them), so a row recomputes
+      only the positions from there on, attending to the corrupted run's keys and values
+      before them; a last-position patch recomputes one token. The fused path does this for
+      every patch; on the model's own layers, for last-position patches (through its KV
+      cache).
     - both off: one full forward per row (the plain batched baseline).
 
-    `fused` runs resumed rows through `FusedDecoder` (fused q/k/v and gate/up matmuls,
-    compiled element-wise kernels, in-place residual stream) instead of the model's own
-    layers with hooks; None (default) turns it on wherever the model is supported (1.5x on
-    an H200, 1.25x on a 2-core CPU). `compiled` (default: on CUDA, where it pays for its
-    compile time) compiles its element-wise kernels.
+    `fused` runs resumed rows, and the clean and corrupted runs, through `FusedDecoder`
+    (fused q/k/v and gate/up matmuls, compiled element-wise kernels, in-place residual
+    stream) instead of the model's own layers with hooks; None (default) turns it on wherever
+    the model is supported (1.5x on an H200, 1.25x on a 2-core CPU). `compiled` (default: on
+    CUDA, where it pays for its compile time) compiles its element-wise kernels.
     `chunk_rows` bounds the rows of one forward (memory). None (default): 32 on a CPU; on a
     GPU as many as fit a quarter of its free memory (`rows_for_memory`), since a GPU only
     reaches its matmul rate with large batches.
@@ -164,7 +174,7 @@ class PatchingEngine:
         chunk_rows: int | None = None,
         *,
         resume: bool = True,
-        kv_last: bool = True,
+        prefix: bool = True,
         fused: bool | None = None,
         compiled: bool | None = None,
     ) -> None:
@@ -175,7 +185,7 @@ class PatchingEngine:
         self.chunk_rows = chunk_rows
         self._memory_budget: int | None = None
         self.resume = resume
-        self.kv_last = kv_last
+        self.prefix = prefix
         on_cuda = self.device.type == "cuda"
         if fused is None:
             fused = resume and unfusable_reason(model, anatomy) is None
@@ -209,45 +219,96 @@ class PatchingEngine:
         options = None if option_ids is None else to_device(list(option_ids), dev)
         clean = to_device([list(clean_ids)], dev)
         corrupt = to_device([list(corrupt_ids)], dev)
+        length = len(clean_ids)
+        masks = {pos: position_mask(pos, length, identity) for pos in POSITIONS}
         sites = sorted({p.site for p in patches})
-        acts, clean_logits = capture(self.model, self.anatomy, sites, clean)
-        if self.resume:
-            layer_inputs, corrupt_logits = _record_layer_inputs(self.model, self.anatomy, corrupt)
+        if self.fused is not None:
+            self.fused.refresh()
+            acts, inputs, clean_logits, corrupt_logits = self._record_fused(clean, corrupt, sites)
         else:
-            layer_inputs, corrupt_logits = None, last_logits(self.model, corrupt)
+            acts, clean_logits = capture(self.model, self.anatomy, sites, clean)
+            if self.resume:
+                inputs, corrupt_logits = _record_layer_inputs(self.model, self.anatomy, corrupt)
+            else:
+                inputs, corrupt_logits = None, last_logits(self.model, corrupt)
 
         def pick(t: torch.Tensor) -> torch.Tensor:
             return (t if options is None else t[..., options]).float()
 
-        n_out = pick(corrupt_logits[0]).shape[-1]
-        patched = torch.empty(len(patches), n_out, device=dev)
-        last = [i for i, p in enumerate(patches) if self.kv_last and p.positions == "last"]
-        rest = [i for i, p in enumerate(patches) if not (self.kv_last and p.positions == "last")]
-        rest.sort(key=lambda i: patches[i].layer)  # `_resume` needs rows in layer order
-        length = len(clean_ids)
+        patched = torch.empty(len(patches), pick(corrupt_logits[0]).shape[-1], device=dev)
         chunk_rows = self.rows_per_forward(length)
-        masks = {pos: position_mask(pos, length, identity) for pos in POSITIONS}
         if self.fused is not None:
-            self.fused.refresh()
+            first = first_difference(clean_ids, corrupt_ids)
+            begins = [patch_begin(masks[p.positions], first) if self.prefix else 0
+                      for p in patches]
+            self._run_fused(patches, begins, acts, inputs, masks, options, chunk_rows, patched)
+        else:
+            self._run_hooked(patches, acts, inputs, masks, corrupt, options, pick, chunk_rows,
+                             patched)
+        return PairRun(pick(clean_logits[0]), pick(corrupt_logits[0]), patched)
+
+    def _record_fused(self, clean: torch.Tensor, corrupt: torch.Tensor, sites: list[Site]):
+        """The clean run's site activations and the corrupted run's layer inputs, from one
+        two-row forward through the fused layers; the model's own forwards where a sliding
+        window shorter than the prompt needs its mask."""
+        kwargs = self.fused.layer_kwargs(clean.shape[1])
+        if kwargs is None:
+            acts, clean_logits = capture(self.model, self.anatomy, sites, clean)
+            inputs, corrupt_logits = _record_layer_inputs(self.model, self.anatomy, corrupt)
+            return acts, inputs, clean_logits, corrupt_logits
+        acts: dict[Site, torch.Tensor] = {}
+        record = {site: _first_row(acts, site) for site in sites}
+        x = self.fused.embed(torch.cat((clean, corrupt)))
+        n = self.anatomy.n_layers
+        hidden = []
+        for i in range(n):
+            hidden.append(x[1:].clone())
+            self.fused.layer(i, x, kwargs, record)
+        logits = self.anatomy.unembed(x[:, -1])
+        return acts, _LayerInputs(hidden, [()] * n, [kwargs] * n), logits[:1], logits[1:]
+
+    def _run_fused(self, patches, begins, acts, inputs, masks, options, chunk_rows, patched):
+        """Rows through the fused layers, in chunks of one begin position (`patch_begin`),
+        each in layer order."""
         final = self.anatomy.n_layers - 1
-        fused = self.fused is not None  # implies resume, so layer_inputs is recorded
-        for chunk in _chunks(rest, chunk_rows):
-            rows = list(enumerate(patches[i] for i in chunk))
-            edits = self._edits(rows, acts, masks, slice(None), inplace=fused)
-            if fused:
-                # the fused final layer computes only the last position after its keys and
-                # values: its edits past resid_pre see that position alone
+        order = sorted(range(len(patches)), key=lambda i: (begins[i], patches[i].layer))
+        groups: dict[int, list[int]] = defaultdict(list)
+        for i in order:
+            groups[begins[i]].append(i)
+        prefixes: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        for begin, members in groups.items():
+            at_begin = {k: m[begin:] for k, m in masks.items()}
+            for chunk in _chunks(members, chunk_rows):
+                rows = list(enumerate(patches[i] for i in chunk))
+                edits = self._edits(rows, acts, at_begin, slice(begin, None), inplace=True)
+                # the final layer computes only the last position after its keys and values:
+                # its edits past resid_pre see that position alone
                 at_end = [(r, p) for r, p in rows
                           if p.layer == final and p.component != "resid_pre"]
                 edits.update(self._edits(at_end, acts, {k: m[-1:] for k, m in masks.items()},
                                          slice(-1, None), inplace=True))
-            if layer_inputs is None:
+                out = self._resume_fused(inputs, [patches[i].layer for i in chunk], begin,
+                                         edits, options, prefixes)
+                patched.index_copy_(0, to_device(chunk, patched.device), out)
+
+    def _run_hooked(self, patches, acts, inputs, masks, corrupt, options, pick, chunk_rows,
+                    patched):
+        """Rows through the model's own layers with hooks: resumed at their layer (or full
+        forwards), last-position patches over the corrupted run's KV cache."""
+        dev = patched.device
+        length = corrupt.shape[1]
+        last = [i for i, p in enumerate(patches) if self.prefix and p.positions == "last"]
+        rest = [i for i, p in enumerate(patches) if not (self.prefix and p.positions == "last")]
+        rest.sort(key=lambda i: patches[i].layer)  # `_resume` needs rows in layer order
+        for chunk in _chunks(rest, chunk_rows):
+            edits = self._edits(list(enumerate(patches[i] for i in chunk)), acts, masks,
+                                slice(None))
+            if inputs is None:
                 ids = corrupt.expand(len(chunk), length)
                 with hooked(self.model, self.anatomy, edits):
                     out = pick(last_logits(self.model, ids))
             else:
-                out = self._resume(layer_inputs, [patches[i].layer for i in chunk], edits,
-                                   options)
+                out = self._resume(inputs, [patches[i].layer for i in chunk], edits, options)
             patched.index_copy_(0, to_device(chunk, dev), out)
         if last:
             prefix = self.model(input_ids=corrupt[:, :-1], use_cache=True).cache
@@ -261,7 +322,6 @@ class PatchingEngine:
                 with hooked(self.model, self.anatomy, edits):
                     out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
                 patched.index_copy_(0, to_device(chunk, dev), pick(out.logits[:, -1]))
-        return PairRun(pick(clean_logits[0]), pick(corrupt_logits[0]), patched)
 
     def _edits(self, rows: list[tuple[int, Patch]], acts, masks, positions: slice,
                inplace: bool = False):
@@ -304,33 +364,82 @@ class PatchingEngine:
                                hooked=self.fused is None)
 
     def _resume(self, inputs: _LayerInputs, starts: list[int], edits, options):
-        """Run rows from their own layer on: row r joins the batch at layer starts[r]
-        (ascending) with the corrupted residual stream entering that layer, so every row
-        costs exactly the layers at and after its patch. The rows live in one preallocated
-        residual stream; active rows are always a prefix of it (rows come in layer order).
-
-        Through the fused layers (when on) each layer updates that prefix in place, and the
-        final one computes keys and values at every position but the rest only at the last,
-        the one position the logits read; otherwise the model's own layers run with hooks."""
-        first = inputs.hidden[starts[0]]
-        stream = torch.empty(len(starts), *first.shape[1:], dtype=first.dtype,
-                             device=first.device)
+        """Run rows from their own layer on through the model's layers with hooks: row r
+        joins the batch at layer starts[r] (ascending) with the corrupted residual stream
+        entering that layer, so every row costs exactly the layers at and after its patch.
+        The rows live in one preallocated residual stream; active rows are always a prefix
+        of it (rows come in layer order)."""
+        stream = _stream(inputs, starts, 0)
         active = 0
-        fused = self.fused
-        with nullcontext() if fused is not None else hooked(self.model, self.anatomy, edits):
+        with hooked(self.model, self.anatomy, edits):
             for i in range(starts[0], self.anatomy.n_layers):
-                joining = sum(1 for s in starts if s == i)
-                if joining:
-                    stream[active : active + joining] = inputs.hidden[i]
-                    active += joining
+                active = _join(stream, active, inputs.hidden[i], starts.count(i))
                 x = stream[:active]
-                if fused is not None:
-                    fused.layer(i, x, inputs.kwargs[i], edits,
-                                last_only=i == self.anatomy.n_layers - 1)
-                else:
-                    out = self.anatomy.layer(i)(x, *inputs.args[i], **inputs.kwargs[i])
-                    x.copy_(out if isinstance(out, torch.Tensor) else out[0])
+                out = self.anatomy.layer(i)(x, *inputs.args[i], **inputs.kwargs[i])
+                x.copy_(out if isinstance(out, torch.Tensor) else out[0])
         return self.anatomy.unembed(stream[:, -1], options).float()
+
+    def _resume_fused(self, inputs: _LayerInputs, starts: list[int], begin: int, edits,
+                      options, prefixes: dict):
+        """`_resume` through the fused layers, on positions `begin`.. only: each layer
+        updates the active rows in place, attending to the corrupted run's keys and values
+        before `begin` (computed once per layer and begin, kept in `prefixes`); the final
+        layer computes keys and values at every position but the rest only at the last, the
+        one position the logits read."""
+        fused, final = self.fused, self.anatomy.n_layers - 1
+        stream = _stream(inputs, starts, begin)
+        active = 0
+        for i in range(starts[0], final + 1):
+            active = _join(stream, active, inputs.hidden[i][:, begin:], starts.count(i))
+            prefix = None
+            if begin:
+                if (i, begin) not in prefixes:
+                    prefixes[i, begin] = fused.prefix_qkv(i, inputs.hidden[i][:, :begin],
+                                                         inputs.kwargs[i])
+                prefix = prefixes[i, begin]
+            fused.layer(i, stream[:active], inputs.kwargs[i], edits, last_only=i == final,
+                        prefix=prefix)
+        return self.anatomy.unembed(stream[:, -1], options).float()
+
+
+def _stream(inputs: _LayerInputs, starts: list[int], begin: int) -> torch.Tensor:
+    first = inputs.hidden[starts[0]]
+    return torch.empty(len(starts), first.shape[1] - begin, first.shape[2], dtype=first.dtype,
+                       device=first.device)
+
+
+def _join(stream: torch.Tensor, active: int, hidden: torch.Tensor, joining: int) -> int:
+    """Rows joining at this layer start from the corrupted stream `hidden`; returns the new
+    number of active rows."""
+    if joining:
+        stream[active : active + joining] = hidden
+    return active + joining
+
+
+def _first_row(store: dict[Site, torch.Tensor], site: Site) -> Edit:
+    """An edit that records the first row of its tensor and leaves it unchanged."""
+
+    def edit(x: torch.Tensor) -> torch.Tensor:
+        store[site] = x[:1].clone()
+        return x
+
+    return edit
+
+
+def first_difference(clean_ids: Sequence[int], corrupt_ids: Sequence[int]) -> int:
+    """The first position where two aligned prompts differ (their length if nowhere)."""
+    return next((i for i, (a, b) in enumerate(zip(clean_ids, corrupt_ids, strict=True))
+                 if a != b), len(clean_ids))
+
+
+def patch_begin(mask: torch.Tensor, first_difference: int) -> int:
+    """The first position a patch with this position `mask` can change: the first patched
+    position at or after the prompts' first difference (before it, clean and corrupted
+    activations are equal, so patching them changes nothing). The last position where the
+    patch changes nothing at all: the logits must still be computed there."""
+    changed = mask[first_difference:].nonzero()
+    last = len(mask) - 1
+    return last if len(changed) == 0 else min(first_difference + int(changed[0]), last)
 
 
 def rows_for_memory(anatomy: Anatomy, d_ff: int, length: int, element_size: int,

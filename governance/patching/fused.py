@@ -10,7 +10,11 @@ share of that time is unfused element-wise work (RMSNorm's fp32 round trip, RoPE
 - RMSNorm, residual add + RMSNorm, RoPE (with Qwen3's per-head q/k norms) and SiLU-multiply
   as small functions, compiled by `torch.compile` where asked (by default on CUDA);
 - the residual stream updated in place, and edits applied in place at the same four sites as
-  the hooks (`resid_pre`, `head`, `attn_out`, `mlp_out`).
+  the hooks (`resid_pre`, `head`, `attn_out`, `mlp_out`);
+- optionally only the positions after a prefix, attending to that prefix's keys and values
+  (the engine's rows recompute only what their patch can change);
+- its own embedding and rotary arguments (`embed`, `layer_kwargs`), so the engine's clean and
+  corrupted runs need no pass through the model's own (slow on the host) forward.
 
 The arithmetic is the transformers layer's, op for op, so in fp32 the fused path matches the
 hooked one to rounding (tests/test_fused.py checks every supported architecture against the
@@ -53,19 +57,46 @@ def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return (t * cos) + (rotated * sin)
 
 
-def _queries_keys(q, k, cos, sin, n_heads: int, n_kv: int, d_head: int,
-                  q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float):
-    """Rotated queries and keys, (n, pos, heads, d_head) each, written in token order
-    (coalesced; attention takes them transposed). q may cover only the last positions of k's:
-    it takes the last of cos/sin's positions."""
-    q = q.view(*q.shape[:2], n_heads, d_head)
+def _keys(k, cos, sin, n_kv: int, d_head: int, k_norm: torch.Tensor | None, eps: float):
+    """Rotated keys (n, pos, kv heads, d_head) at cos/sin's positions."""
     k = k.view(*k.shape[:2], n_kv, d_head)
-    if q_norm is not None:
-        q = _rms_norm(q, q_norm, eps)
     if k_norm is not None:
         k = _rms_norm(k, k_norm, eps)
+    return _rotate(k, cos, sin)
+
+
+def _queries_keys_values(q, k, v, cos, sin, n_heads: int, n_kv: int, d_head: int,
+                         q_norm: torch.Tensor | None, k_norm: torch.Tensor | None, eps: float,
+                         prefix: tuple[torch.Tensor, ...] | None = None):
+    """Rotated queries and keys, and values, (n, pos, heads, d_head) each, written in token
+    order (coalesced; attention takes them transposed). q may cover only the last positions of
+    k's: it takes the last of cos/sin's positions. A prefix's keys and values (and queries, if
+    it has three tensors), (1, s, heads, d_head) each, go before every row's (one kernel
+    writes each when compiled)."""
+    q = q.view(*q.shape[:2], n_heads, d_head)
+    if q_norm is not None:
+        q = _rms_norm(q, q_norm, eps)
     at_q = slice(cos.shape[1] - q.shape[1], None)
-    return _rotate(q, cos[:, at_q], sin[:, at_q]), _rotate(k, cos, sin)
+    key = _keys(k, cos, sin, n_kv, d_head, k_norm, eps)
+    v = v.view(*v.shape[:2], n_kv, d_head)
+    q = _rotate(q, cos[:, at_q], sin[:, at_q])
+    if prefix is not None:
+        n = key.shape[0]
+        *pq, key, v = (torch.cat((p.expand(n, -1, -1, -1), t), dim=1)
+                       for p, t in zip(prefix, (q, key, v)[-len(prefix):], strict=True))
+        q = pq[0] if pq else q
+    return q, key, v
+
+
+def _sliding_window(config) -> int | None:
+    """The sliding attention window any layer of a Llama-family model uses, or None."""
+    window = getattr(config, "sliding_window", None)
+    if window is None or getattr(config, "use_sliding_window", True) is False:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types is not None and "sliding_attention" not in types:
+        return None
+    return int(window)
 
 
 def _silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
@@ -79,12 +110,12 @@ class _Kernels:
 
     rms_norm: Callable
     add_rms_norm: Callable
-    queries_keys: Callable
+    queries_keys_values: Callable
     silu_mul: Callable
 
     @classmethod
     def build(cls, compiled: bool) -> _Kernels:
-        fns = (_rms_norm, _add_rms_norm, _queries_keys, _silu_mul)
+        fns = (_rms_norm, _add_rms_norm, _queries_keys_values, _silu_mul)
         if compiled:
             # Automatic dynamic shapes: a second row count recompiles with only the row
             # dimension symbolic, so feature sizes (and vector alignment) stay static;
@@ -139,6 +170,8 @@ def unfusable_reason(model: nn.Module, anatomy: Anatomy) -> str | None:
     for norm in ("input_layernorm", "post_attention_layernorm"):
         if not hasattr(getattr(layer, norm, None), "variance_epsilon"):
             return f"layer 0's {norm} is not an RMSNorm"
+    if getattr(getattr(model, "model", None), "rotary_emb", None) is None:
+        return "the base model has no rotary_emb module"
     return None
 
 
@@ -159,6 +192,7 @@ class FusedDecoder:
         self.kernels = _Kernels.build(compiled)
         self._weights: list[_LayerWeights] = []
         self._fingerprint: tuple = ()
+        self._layer_kwargs: dict[int, dict] = {}
 
     def _current_fingerprint(self) -> tuple:
         params = [p for i in range(self.anatomy.n_layers)
@@ -171,7 +205,43 @@ class FusedDecoder:
         if fingerprint == self._fingerprint:
             return
         self._weights = [self._fuse(self.anatomy.layer(i)) for i in range(self.anatomy.n_layers)]
+        self._layer_kwargs.clear()
         self._fingerprint = fingerprint
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The residual stream entering layer 0 for token ids (n, pos)."""
+        return self.model.get_input_embeddings()(ids)
+
+    def layer_kwargs(self, length: int) -> dict | None:
+        """The arguments the model gives its layers for one unpadded prompt of `length`
+        tokens: its own rotary embeddings, and no mask (causal). None where a sliding window
+        shorter than the prompt needs the model's own mask (then record them from its
+        forward)."""
+        window = _sliding_window(self.model.config)
+        if window is not None and window < length:
+            return None
+        if length not in self._layer_kwargs:
+            w = self._weights[0].ln1
+            like = torch.empty(1, length, self.anatomy.d_model, dtype=w.dtype, device=w.device)
+            positions = torch.arange(length, device=w.device)[None]
+            self._layer_kwargs[length] = {
+                "position_embeddings": self.model.model.rotary_emb(like, positions),
+                "attention_mask": None,
+            }
+        return self._layer_kwargs[length]
+
+    def prefix_qkv(self, i: int, hidden: torch.Tensor, layer_kwargs: dict):
+        """Layer i's rotated queries and keys, and values, (1, s, heads, d_head) each, for the
+        residual stream `hidden` (1, s, d_model) at positions 0..s-1: what rows resuming at
+        position s share before themselves."""
+        w, a = self._weights[i], self.anatomy
+        dq, dkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
+        qkv = F.linear(_rms_norm(hidden, w.ln1, w.eps), w.qkv, w.qkv_bias)
+        cos, sin = layer_kwargs["position_embeddings"]
+        s = hidden.shape[1]
+        return _queries_keys_values(qkv[..., :dq], qkv[..., dq : dq + dkv], qkv[..., dq + dkv :],
+                                    cos[:, :s], sin[:, :s], a.n_heads, a.n_kv_heads,
+                                    a.head_dim, w.q_norm, w.k_norm, w.qk_eps)
 
     @staticmethod
     def _fuse(layer: nn.Module) -> _LayerWeights:
@@ -196,15 +266,19 @@ class FusedDecoder:
         )
 
     def layer(self, i: int, x: torch.Tensor, layer_kwargs: dict,
-              edits: dict[Site, Edit], last_only: bool = False) -> None:
+              edits: dict[Site, Edit], last_only: bool = False,
+              prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
         """Run layer i on x (n, pos, d_model), updating x in place. `layer_kwargs` are the
-        arguments the model passed this layer in the corrupted run (rotary embeddings, mask);
+        arguments the model gives this layer for the whole prompt (rotary embeddings, mask);
         `edits` are in-place edits, looked up by site.
 
         `last_only`: keys and values at every position, everything else (queries, o_proj,
         MLP, and so the update of x) only at the last position; the head, attn_out and mlp_out
         edits then see that position alone. Exact for the final layer, whose other positions
-        nothing reads."""
+        nothing reads.
+
+        `prefix`: queries, keys and values (1, s, heads, d_head) of the prompt's first s
+        positions, shared by every row (`prefix_qkv`); x then holds positions s.. only."""
         w, k = self._weights[i], self.kernels
         a = self.anatomy
         n, pos, _ = x.shape
@@ -221,13 +295,22 @@ class FusedDecoder:
             qkv = F.linear(h, w.qkv, w.qkv_bias)
             q, key, v = qkv[..., :dq], qkv[..., dq : dq + dkv], qkv[..., dq + dkv :]
         cos, sin = layer_kwargs["position_embeddings"]
-        q, key = k.queries_keys(q, key, cos, sin, a.n_heads, a.n_kv_heads, a.head_dim,
-                                w.q_norm, w.k_norm, w.qk_eps)
-        v = v.view(n, pos, a.n_kv_heads, a.head_dim)
+        begin = 0 if prefix is None else prefix[0].shape[1]
+        if prefix is not None:
+            cos, sin = cos[:, begin:], sin[:, begin:]
+            # several queries get the prefix's in front: causal attention over every position
+            # runs on the fastest kernels (cuDNN; bottom-right causal fell back to flash at
+            # half its speed on an H200), and rows keep the outputs at their own positions
+            if q.shape[1] == 1:
+                prefix = prefix[1:]
+        q, key, v = k.queries_keys_values(q, key, v, cos, sin, a.n_heads, a.n_kv_heads,
+                                          a.head_dim, w.q_norm, w.k_norm, w.qk_eps, prefix)
         mask = layer_kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor):
             mask = mask[..., -q.shape[1] :, :]
         z = _attention(q, key, v, mask, w.scaling)  # (n, q positions, heads, d_head)
+        if z.shape[1] > 1:
+            z = z[:, begin:]
         if (edit := edits.get(Site("head", i))) is not None:
             edit(z)
         attn_out = F.linear(z.reshape(n, z.shape[1], dq), w.o, w.o_bias)
@@ -243,13 +326,16 @@ class FusedDecoder:
 
 def _attention(q, k, v, mask, scaling: float) -> torch.Tensor:
     """Causal attention as transformers' SDPA integration computes it, on and to
-    (n, pos, heads, d_head)."""
+    (n, pos, heads, d_head): queries at every key position, or the last one only."""
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     gqa = k.shape[1] != q.shape[1]
+    n_q, n_k = q.shape[2], k.shape[2]
     if isinstance(mask, torch.Tensor):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling,
                                              enable_gqa=gqa)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scaling,
+    elif n_q in (1, n_k):
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=n_q > 1, scale=scaling,
                                              enable_gqa=gqa)
+    else:
+        raise ValueError(f"{n_q} queries over {n_k} keys: pass one query or all of them")
     return out.transpose(1, 2)
