@@ -11,8 +11,8 @@ share of that time is unfused element-wise work (RMSNorm's fp32 round trip, RoPE
   as small functions, compiled by `torch.compile` where asked (by default on CUDA);
 - the residual stream updated in place, and edits applied in place at the same four sites as
   the hooks (`resid_pre`, `head`, `attn_out`, `mlp_out`);
-- optionally only the positions after a prefix, attending to that prefix's keys and values
-  (the engine's rows recompute only what their patch can change);
+- optionally only the positions after a prefix, with that prefix's queries, keys and values
+  shared by every row (the engine's rows recompute only what their patch can change);
 - its own embedding and rotary arguments (`embed`, `layer_kwargs`), so the engine's clean and
   corrupted runs need no pass through the model's own (slow on the host) forward.
 
@@ -82,9 +82,13 @@ def _queries_keys_values(q, k, v, cos, sin, n_heads: int, n_kv: int, d_head: int
     q = _rotate(q, cos[:, at_q], sin[:, at_q])
     if prefix is not None:
         n = key.shape[0]
-        *pq, key, v = (torch.cat((p.expand(n, -1, -1, -1), t), dim=1)
-                       for p, t in zip(prefix, (q, key, v)[-len(prefix):], strict=True))
-        q = pq[0] if pq else q
+
+        def front(shared: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+            return torch.cat((shared.expand(n, -1, -1, -1), rows), dim=1)
+
+        if len(prefix) == 3:
+            q = front(prefix[0], q)
+        key, v = front(prefix[-2], key), front(prefix[-1], v)
     return q, key, v
 
 
@@ -267,7 +271,7 @@ class FusedDecoder:
 
     def layer(self, i: int, x: torch.Tensor, layer_kwargs: dict,
               edits: dict[Site, Edit], last_only: bool = False,
-              prefix: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+              prefix: tuple[torch.Tensor, ...] | None = None) -> None:
         """Run layer i on x (n, pos, d_model), updating x in place. `layer_kwargs` are the
         arguments the model gives this layer for the whole prompt (rotary embeddings, mask);
         `edits` are in-place edits, looked up by site.
