@@ -22,9 +22,9 @@ from governance.patching.fused import FusedDecoder, unfusable_reason
 from governance.patching.sites import (
     COMPONENTS,
     POSITIONS,
-    Edit,
     Site,
     capture,
+    capturing,
     hooked,
     last_logits,
 )
@@ -239,8 +239,8 @@ class PatchingEngine:
         chunk_rows = self.rows_per_forward(length)
         if self.fused is not None:
             first = first_difference(clean_ids, corrupt_ids)
-            begins = [patch_begin(masks[p.positions], first) if self.prefix else 0
-                      for p in patches]
+            begin = {pos: patch_begin(m, first) if self.prefix else 0 for pos, m in masks.items()}
+            begins = [begin[p.positions] for p in patches]
             self._run_fused(patches, begins, acts, inputs, masks, options, chunk_rows, patched)
         else:
             self._run_hooked(patches, acts, inputs, masks, corrupt, options, pick, chunk_rows,
@@ -257,7 +257,7 @@ class PatchingEngine:
             inputs, corrupt_logits = _record_layer_inputs(self.model, self.anatomy, corrupt)
             return acts, inputs, clean_logits, corrupt_logits
         acts: dict[Site, torch.Tensor] = {}
-        record = {site: _first_row(acts, site) for site in sites}
+        record = {site: capturing(acts, site, slice(0, 1)) for site in sites}
         x = self.fused.embed(torch.cat((clean, corrupt)))
         n = self.anatomy.n_layers
         hidden = []
@@ -382,8 +382,8 @@ class PatchingEngine:
     def _resume_fused(self, inputs: _LayerInputs, starts: list[int], begin: int, edits,
                       options, prefixes: dict):
         """`_resume` through the fused layers, on positions `begin`.. only: each layer
-        updates the active rows in place, attending to the corrupted run's keys and values
-        before `begin` (computed once per layer and begin, kept in `prefixes`); the final
+        updates the active rows in place, with the corrupted run's queries, keys and values
+        before `begin` in front (computed once per layer and begin, kept in `prefixes`); the final
         layer computes keys and values at every position but the rest only at the last, the
         one position the logits read."""
         fused, final = self.fused, self.anatomy.n_layers - 1
@@ -414,16 +414,6 @@ def _join(stream: torch.Tensor, active: int, hidden: torch.Tensor, joining: int)
     if joining:
         stream[active : active + joining] = hidden
     return active + joining
-
-
-def _first_row(store: dict[Site, torch.Tensor], site: Site) -> Edit:
-    """An edit that records the first row of its tensor and leaves it unchanged."""
-
-    def edit(x: torch.Tensor) -> torch.Tensor:
-        store[site] = x[:1].clone()
-        return x
-
-    return edit
 
 
 def first_difference(clean_ids: Sequence[int], corrupt_ids: Sequence[int]) -> int:

@@ -99,11 +99,11 @@ def hooked(model: nn.Module, anatomy: Anatomy, edits: dict[Site, Edit]) -> Itera
             handle.remove()
 
 
-def capturing(store: dict[Site, torch.Tensor], site: Site) -> Edit:
-    """An edit that records the tensor (detached) and leaves it unchanged."""
+def capturing(store: dict[Site, torch.Tensor], site: Site, rows: slice = slice(None)) -> Edit:
+    """An edit that records the tensor's `rows` (detached) and leaves it unchanged."""
 
     def edit(x: torch.Tensor) -> torch.Tensor:
-        store[site] = x.detach().clone()
+        store[site] = x[rows].detach().clone()
         return x
 
     return edit
