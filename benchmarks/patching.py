@@ -37,9 +37,8 @@ from governance.patching.attribution import agreement, atp_screen, screen_scores
 from governance.patching.engine import (
     Patch,
     PatchingEngine,
-    first_difference,
-    patch_begin,
-    position_mask,
+    patch_begins,
+    position_masks,
     sweep,
 )
 from governance.patching.scores import restoration
@@ -217,12 +216,10 @@ def engine_flops(anatomy, config, prompts, patches, fused: bool) -> float:
         t = len(p.clean)
         full_layer = layer_flops(anatomy, config, t, t)
         if fused:
-            first = first_difference(p.clean, p.corrupt)
-            masks = {pos: position_mask(pos, t, p.identity) for pos in ("all", "last",
-                                                                         "identity")}
+            begins = patch_begins(position_masks(t, p.identity), p.clean, p.corrupt)
             total += 2 * L * full_layer
             for patch in patches:
-                q = t - patch_begin(masks[patch.positions], first)
+                q = t - begins[patch.positions]
                 total += ((L - 1 - patch.layer) * layer_flops(anatomy, config, q, t, q)
                           + layer_flops(anatomy, config, 1, t, kv_tokens=q))
             continue

@@ -144,10 +144,10 @@ def test_fused_engine_never_runs_the_model_forward(tokenizer, aligned):
     forward (slow on the host, which then cannot keep a GPU fed) is not called, unless a
     sliding window shorter than the prompt needs its mask."""
     a = aligned[0]
-    patches = sweep(anatomy_of(tiny_model("llama", vocab_size=len(tokenizer))), ALL_SWEEPS)
     for overrides, expect_forward in ((dict(), False), (dict(sliding_window=8), True),
                                       (dict(sliding_window=4096), False)):
         model, anatomy = _model("mistral", tokenizer, "sdpa", **overrides)
+        patches = sweep(anatomy, ALL_SWEEPS)
         engine = PatchingEngine(model, anatomy, fused=True, compiled=False)
         calls, handle = _forwards_of(model)
         try:

@@ -82,6 +82,11 @@ def position_mask(positions: str, length: int, identity: Sequence[int]) -> torch
     return mask
 
 
+def position_masks(length: int, identity: Sequence[int]) -> dict[str, torch.Tensor]:
+    """`position_mask` of each positions kind."""
+    return {pos: position_mask(pos, length, identity) for pos in POSITIONS}
+
+
 @dataclass
 class PairRun:
     """Logits of one aligned pair on one question: clean, corrupt, and one row per patch."""
@@ -220,7 +225,7 @@ class PatchingEngine:
         clean = to_device([list(clean_ids)], dev)
         corrupt = to_device([list(corrupt_ids)], dev)
         length = len(clean_ids)
-        masks = {pos: position_mask(pos, length, identity) for pos in POSITIONS}
+        masks = position_masks(length, identity)
         sites = sorted({p.site for p in patches})
         if self.fused is not None:
             self.fused.refresh()
@@ -232,20 +237,18 @@ class PatchingEngine:
             else:
                 inputs, corrupt_logits = None, last_logits(self.model, corrupt)
 
-        def pick(t: torch.Tensor) -> torch.Tensor:
-            return (t if options is None else t[..., options]).float()
-
-        patched = torch.empty(len(patches), pick(corrupt_logits[0]).shape[-1], device=dev)
+        patched = torch.empty(len(patches), _pick(corrupt_logits[0], options).shape[-1],
+                              device=dev)
         chunk_rows = self.rows_per_forward(length)
         if self.fused is not None:
-            first = first_difference(clean_ids, corrupt_ids)
-            begin = {pos: patch_begin(m, first) if self.prefix else 0 for pos, m in masks.items()}
+            begin = (patch_begins(masks, clean_ids, corrupt_ids) if self.prefix
+                     else dict.fromkeys(POSITIONS, 0))
             begins = [begin[p.positions] for p in patches]
             self._run_fused(patches, begins, acts, inputs, masks, options, chunk_rows, patched)
         else:
-            self._run_hooked(patches, acts, inputs, masks, corrupt, options, pick, chunk_rows,
-                             patched)
-        return PairRun(pick(clean_logits[0]), pick(corrupt_logits[0]), patched)
+            self._run_hooked(patches, acts, inputs, masks, corrupt, options, chunk_rows, patched)
+        return PairRun(_pick(clean_logits[0], options), _pick(corrupt_logits[0], options),
+                       patched)
 
     def _record_fused(self, clean: torch.Tensor, corrupt: torch.Tensor, sites: list[Site]):
         """The clean run's site activations and the corrupted run's layer inputs, from one
@@ -291,8 +294,7 @@ class PatchingEngine:
                                          edits, options, prefixes)
                 patched.index_copy_(0, to_device(chunk, patched.device), out)
 
-    def _run_hooked(self, patches, acts, inputs, masks, corrupt, options, pick, chunk_rows,
-                    patched):
+    def _run_hooked(self, patches, acts, inputs, masks, corrupt, options, chunk_rows, patched):
         """Rows through the model's own layers with hooks: resumed at their layer (or full
         forwards), last-position patches over the corrupted run's KV cache."""
         dev = patched.device
@@ -306,7 +308,7 @@ class PatchingEngine:
             if inputs is None:
                 ids = corrupt.expand(len(chunk), length)
                 with hooked(self.model, self.anatomy, edits):
-                    out = pick(last_logits(self.model, ids))
+                    out = _pick(last_logits(self.model, ids), options)
             else:
                 out = self._resume(inputs, [patches[i].layer for i in chunk], edits, options)
             patched.index_copy_(0, to_device(chunk, dev), out)
@@ -321,7 +323,7 @@ class PatchingEngine:
                 ids = corrupt[:, -1:].expand(len(chunk), 1)
                 with hooked(self.model, self.anatomy, edits):
                     out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-                patched.index_copy_(0, to_device(chunk, dev), pick(out.logits[:, -1]))
+                patched.index_copy_(0, to_device(chunk, dev), _pick(out.logits[:, -1], options))
 
     def _edits(self, rows: list[tuple[int, Patch]], acts, masks, positions: slice,
                inplace: bool = False):
@@ -414,6 +416,18 @@ def _join(stream: torch.Tensor, active: int, hidden: torch.Tensor, joining: int)
     if joining:
         stream[active : active + joining] = hidden
     return active + joining
+
+
+def _pick(logits: torch.Tensor, options: torch.Tensor | None) -> torch.Tensor:
+    """The option tokens' logits (all if None), in fp32."""
+    return (logits if options is None else logits[..., options]).float()
+
+
+def patch_begins(masks: dict[str, torch.Tensor], clean_ids: Sequence[int],
+                 corrupt_ids: Sequence[int]) -> dict[str, int]:
+    """`patch_begin` of each positions kind, for one aligned pair."""
+    first = first_difference(clean_ids, corrupt_ids)
+    return {pos: patch_begin(mask, first) for pos, mask in masks.items()}
 
 
 def first_difference(clean_ids: Sequence[int], corrupt_ids: Sequence[int]) -> int:
