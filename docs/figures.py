@@ -8,8 +8,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from governance.audit import AuditResult
-from governance.report import head_matrix, heatmap_panels, new_figure
+from governance.audit.result import AuditResult
+from governance.plots import head_matrix, heatmap_panels, new_figure
 
 PANELS = [
     ("MLP output", [("mlp_out", "identity"), ("mlp_out", "all")]),

@@ -15,12 +15,21 @@ __version__ = "0.1.0"
 __all__ = ["AuditResult", "AuditSpec", "run_audit", "__version__"]
 
 if TYPE_CHECKING:
-    from governance.audit import AuditResult, AuditSpec, run_audit
+    from governance.audit.result import AuditResult
+    from governance.audit.run import run_audit
+    from governance.audit.spec import AuditSpec
+
+
+_PUBLIC = {
+    "AuditResult": "governance.audit.result",
+    "AuditSpec": "governance.audit.spec",
+    "run_audit": "governance.audit.run",
+}
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("AuditResult", "AuditSpec", "run_audit"):
-        from governance import audit
+    if name in _PUBLIC:
+        import importlib
 
-        return getattr(audit, name)
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
     raise AttributeError(f"module 'governance' has no attribute {name!r}")

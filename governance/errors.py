@@ -25,6 +25,14 @@ class ModelLoadError(GovernanceError):
     """A model could not be loaded or its architecture is not supported."""
 
 
+class Unavailable(GovernanceError):
+    """A service the command needs (the tracking server, a database) cannot be reached."""
+
+
+class DriftError(GovernanceError):
+    """Two audits cannot be compared, or an audit source cannot be read."""
+
+
 def format_validation_error(exc: ValidationError, where: str) -> str:
     """One line per pydantic error: `where: field.path: message`."""
     lines = [f"{where} is invalid:"]

@@ -8,6 +8,6 @@ Modules, top to bottom: `config` (the YAML config and env overrides), `lease` (a
 row per version so two processes never audit the same version), `discovery` (which model
 versions to audit), `verdict` (the interface to the policy, drift and report modules),
 `nightly` (one pass), `gate`, `scheduler`, and `cli` (argparse registration). All MLflow
-I/O for audit runs goes through `governance.tracking`. Importing this package loads nothing
+I/O for audit runs goes through `governance.tracking.runs`. Importing this package loads nothing
 heavy.
 """

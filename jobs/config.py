@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from governance.errors import ConfigError, format_validation_error
-from governance.yaml_files import read_yaml_mapping
+from governance.files import read_yaml_mapping
 
 CONFIG_ENV = "PERSONA_AUDIT_CONFIG"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow 3's own default
@@ -170,7 +170,7 @@ class NightlyConfig(_Strict):
         names such as 'mmlu' stay as they are)."""
         if not isinstance(self.spec, dict):
             return None
-        from governance.assets import ASSETS
+        from governance.inputs.assets import ASSETS
 
         out = dict(self.spec)
         for key in ("questions", "personas"):

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from governance.tracking import quote
+from governance.tracking.runs import quote
 from jobs.config import Aliases, Latest, ModelSelector, NightlyConfig, Versions
 
 if TYPE_CHECKING:

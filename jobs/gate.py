@@ -14,9 +14,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from jobs.cli.exits import EXIT_BAD_INPUT, EXIT_FAIL, EXIT_PASS, EXIT_WARN
 from jobs.config import NightlyConfig, redact
 
-PASS, FAIL, NO_AUDIT = 0, 1, 2
+PASS, FAIL, NO_AUDIT, WARN = EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_WARN
 
 
 @dataclass(frozen=True)
@@ -30,8 +31,8 @@ class GateResult:
 def gate(config: NightlyConfig, model: str, *, version: str | None = None,
          alias: str | None = None, warn_fails: bool | None = None) -> GateResult:
     """Judge one model version (by number or alias) by its latest completed audit."""
-    from governance import tracking as tr
-    from jobs.nightly import connect
+    from governance.tracking import runs as tr
+    from jobs.connection import connect
     from jobs.verdict import PolicyUnavailable, load_policies, pick_policy
 
     if (version is None) == (alias is None):
@@ -53,8 +54,6 @@ def gate(config: NightlyConfig, model: str, *, version: str | None = None,
         policy = pick_policy(load_policies(config.policy_paths()), model, tags)
     except PolicyUnavailable as exc:
         return GateResult(NO_AUDIT, f"NO AUDIT: cannot judge {label}: {exc}")
-    if policy.policy is None:
-        return GateResult(NO_AUDIT, f"NO AUDIT: cannot judge {label}: {policy.problem}")
     exp = client.get_experiment_by_name(config.experiment)
     if exp is None:
         return GateResult(NO_AUDIT, f"NO AUDIT: experiment {config.experiment!r} does not exist "
@@ -79,7 +78,7 @@ def gate(config: NightlyConfig, model: str, *, version: str | None = None,
     if status == "pass":
         return GateResult(PASS, f"PASS: {detail}", status, run.info.run_id)
     if status == "warn":
-        code = FAIL if warn_fails else PASS
+        code = WARN if warn_fails else PASS
         rule = "warnings fail the gate" if warn_fails else "warnings pass the gate"
         return GateResult(code, f"WARN ({rule}): {detail}", status, run.info.run_id)
     if status == "fail":

@@ -7,45 +7,47 @@ version.
 
 Per version, in order: take the version's lease (skip if another process holds it), check
 again that it still needs an audit, open an MLflow run, load the model, run the audit, log
-curves, tables and figures (`governance.tracking.log_audit`), resolve the policy's baseline
+curves, tables and figures (`governance.tracking.runs.log_audit`), resolve the policy's baseline
 (its latest completed audit under the same spec), decide the verdict (`jobs.verdict`), log
 the verdict, drift and report, mark the run completed, and only then write the approval
 record on the version. Any exception on the way marks the run and the version `error` with
 the reason; the other versions still run. Exit code: 0 when every selected version has a
-completed audit (pass, warn or fail), 1 when any version errored.
+completed audit (pass, warn or fail), 4 when any version errored.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from governance.errors import ConfigError, GovernanceError
+from governance.errors import GovernanceError
+from jobs.baseline import resolve_baseline
+from jobs.cli.exits import EXIT_INCOMPLETE, EXIT_OK
 from jobs.config import (
     NightlyConfig,
     display_uri,
     load_config,
     redact,
-    sqlalchemy_url,
-    sqlite_path,
 )
+from jobs.connection import TrackingUnavailable, connect, mlflow_uris, probe, with_retries
+from jobs.spec import load_spec
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
 
-    from governance.audit import AuditResult, AuditSpec
+    from governance.audit.result import AuditResult
     from jobs.discovery import Target
     from jobs.lease import Lease
     from jobs.verdict import PolicyRef
+
 
 log = logging.getLogger(__name__)
 
@@ -55,158 +57,6 @@ _stop = threading.Event()
 def request_stop() -> None:
     """Ask a running pass to stop after the version in progress (the scheduler's SIGTERM)."""
     _stop.set()
-
-
-class TrackingUnavailable(GovernanceError):
-    """The tracking server or database could not be reached after the configured retries."""
-
-
-# -- connecting -----------------------------------------------------------------------------
-
-
-def probe(uri: str, timeout_s: float) -> None:
-    """Raise if the tracking store at `uri` does not answer (no MLflow retries involved)."""
-    if uri.startswith(("http://", "https://")):
-        import requests
-
-        resp = requests.get(uri.rstrip("/") + "/health", timeout=timeout_s)
-        if resp.status_code >= 500:
-            raise ConnectionError(f"{uri} answered /health with HTTP {resp.status_code}")
-        return
-    db = sqlite_path(uri)
-    if db is not None:
-        if not db.parent.is_dir():
-            raise ConfigError(f"tracking store {uri}: directory {db.parent} does not exist")
-        return
-    if "://" in uri and not uri.startswith(("file:", "databricks")):
-        from sqlalchemy import create_engine, text
-
-        args = {"connect_timeout": int(max(1, timeout_s))} if uri.startswith("postgres") else {}
-        engine = create_engine(sqlalchemy_url(uri), connect_args=args)
-        try:
-            with engine.connect() as conn:
-                conn.execute(text("select 1"))
-        finally:
-            engine.dispose()
-
-
-def with_retries(what: str, fn: Callable[[], Any], attempts: int, initial_delay_s: float,
-                 max_delay_s: float, sleep: Callable[[float], None] = time.sleep) -> Any:
-    """Call `fn` up to `attempts` times, doubling the delay between tries; configuration
-    errors are not retried. The last error is raised as TrackingUnavailable."""
-    delay = initial_delay_s
-    for attempt in range(1, attempts + 1):
-        try:
-            return fn()
-        except ConfigError:
-            raise
-        except Exception as exc:
-            message = redact(f"{type(exc).__name__}: {exc}")
-            if attempt == attempts:
-                raise TrackingUnavailable(
-                    f"{what} unreachable after {attempts} attempts: {message}") from None
-            log.warning("%s unreachable (attempt %d/%d): %s; retrying in %.1f s", what, attempt,
-                        attempts, message, delay)
-            sleep(delay)
-            delay = min(max(delay * 2, 0.1), max_delay_s)
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-@contextmanager
-def mlflow_uris(config: NightlyConfig) -> Iterator[None]:
-    """Point `mlflow`'s process-wide URIs at the config's stores for the block (model
-    loading from `models:/...` reads them), then restore what was there. MLflow keeps them
-    in MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI, which are also our env overrides."""
-    import mlflow
-
-    before = {v: os.environ.get(v) for v in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
-    mlflow.set_tracking_uri(config.tracking_uri)
-    mlflow.set_registry_uri(config.registry_uri or config.tracking_uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(before["MLFLOW_TRACKING_URI"])
-        mlflow.set_registry_uri(before["MLFLOW_REGISTRY_URI"])  # None does not clear the env
-        for var, value in before.items():
-            if value is None:
-                os.environ.pop(var, None)
-
-
-def connect(config: NightlyConfig) -> MlflowClient:
-    """An MlflowClient for the config's stores, after checking they answer (with backoff)."""
-    from mlflow import MlflowClient
-
-    r = config.retry
-    shown = display_uri(config.tracking_uri)
-    with_retries(f"tracking store {shown}", lambda: probe(config.tracking_uri, r.timeout_s),
-                 r.attempts, r.initial_delay_s, r.max_delay_s)
-    if config.registry_uri and config.registry_uri != config.tracking_uri:
-        with_retries(f"registry {display_uri(config.registry_uri)}",
-                     lambda: probe(config.registry_uri or "", r.timeout_s),
-                     r.attempts, r.initial_delay_s, r.max_delay_s)
-    client = MlflowClient(config.tracking_uri, config.registry_uri)
-    try:
-        client.search_experiments(max_results=1)
-    except Exception as exc:
-        status = getattr(exc, "get_http_status_code", lambda: None)()
-        if status in (401, 403):  # not retried: the same credentials are refused again
-            raise TrackingUnavailable(_refusal(shown, status)) from None
-        raise TrackingUnavailable(
-            f"tracking store {shown} answered but refused a request: {redact(exc)}") from None
-    return client
-
-
-def _refusal(shown: str, status: int) -> str:
-    """Why an HTTP tracking server refused us, and how to fix it; names the user, never the
-    password. MLflow sends the credentials of MLFLOW_TRACKING_USERNAME/_PASSWORD (or of
-    ~/.mlflow/credentials) as HTTP basic auth, or MLFLOW_TRACKING_TOKEN as a bearer token."""
-    from mlflow.utils.credentials import read_mlflow_creds
-
-    user = read_mlflow_creds().username
-    how = ("set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) "
-           "in the environment of `persona-gov nightly`")
-    if status == 403:
-        return (f"tracking store {shown} refused the credentials of user {user!r} "
-                f"(HTTP 403 permission denied): grant that user access on the server, or {how}")
-    if user is None and not os.environ.get("MLFLOW_TRACKING_TOKEN"):
-        return (f"tracking store {shown} refused the request without credentials (HTTP 401; "
-                f"the server enforces authentication): {how}")
-    who = f"user {user!r}" if user else "MLFLOW_TRACKING_TOKEN"
-    return (f"tracking store {shown} refused the credentials of {who} (HTTP 401): check the "
-            f"password, or {how}")
-
-
-# -- the spec -------------------------------------------------------------------------------
-
-
-def load_spec(config: NightlyConfig) -> tuple[AuditSpec, str | None, str]:
-    """The audit spec, its file text, and its hash (spec + catalogue + question file)."""
-    import yaml
-    from pydantic import ValidationError
-
-    from governance.assets import resolve
-    from governance.audit import AuditSpec, spec_hash
-    from governance.errors import format_validation_error
-    from governance.personas import load_catalogue
-    from governance.questions import file_sha256
-
-    where = f"nightly config {config.source or '<defaults>'}"
-    path, inline = config.spec_path(), config.inline_spec()
-    if path:
-        spec, text = AuditSpec.from_yaml(path), Path(path).read_text()
-    elif inline is not None:
-        try:
-            spec = AuditSpec.model_validate(inline)
-        except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, f"{where}: spec")) from exc
-        text = yaml.safe_dump(config.spec, sort_keys=False)
-    else:
-        spec, text = AuditSpec(), None
-    if not spec.questions:
-        raise ConfigError(f"{where}: `spec` must give a `questions` file (or the pinned asset "
-                          "'mmlu'), in a spec YAML file or inline")
-    questions = resolve(spec.questions, "questions")
-    return spec, text, spec_hash(spec, load_catalogue(spec.personas), file_sha256(questions))
 
 
 # -- outcomes -------------------------------------------------------------------------------
@@ -238,7 +88,8 @@ class PassReport:
 
     @property
     def exit_code(self) -> int:
-        return 1 if any(o.status == "error" for o in self.outcomes) else 0
+        failed = any(o.status == "error" for o in self.outcomes)
+        return EXIT_INCOMPLETE if failed else EXIT_OK
 
     def text(self) -> str:
         took = (self.finished_at or time.time()) - self.started_at
@@ -269,7 +120,7 @@ def run_pass(config: NightlyConfig, *, models: list[str] | None = None,
              force: bool = False) -> PassReport:
     """Audit what needs auditing; see the module docstring."""
     from governance import __version__
-    from governance.tracking import get_or_create_experiment
+    from governance.tracking.runs import get_or_create_experiment
     from jobs.discovery import discover
     from jobs.lease import LeaseStore
     from jobs.verdict import load_policies
@@ -340,7 +191,7 @@ def _model_tags(client: MlflowClient, target: Target) -> dict[str, str]:
 
 
 def _one_version(ctx: _Context, leases: Any, target: Target, force: bool) -> Outcome:
-    from governance.tracking import find_audit_run
+    from governance.tracking.runs import find_audit_run
     from jobs.verdict import pick_policy
 
     try:
@@ -370,7 +221,8 @@ def _one_version(ctx: _Context, leases: Any, target: Target, force: bool) -> Out
 
 def _audit_version(ctx: _Context, target: Target, policy: PolicyRef, tags: dict[str, str],
                    lease: Lease) -> Outcome:
-    from governance import tracking as tr
+    from governance.tracking import runs as tr
+    from governance.tracking.registry import record_approval
 
     cfg = ctx.config
     run_tags = {
@@ -412,7 +264,7 @@ def _audit_version(ctx: _Context, target: Target, policy: PolicyRef, tags: dict[
             return Outcome(target.name, target.version, "error",
                            "the lease expired during the audit and another process took it: "
                            "the run is complete but no approval record was written", run_id)
-        tr.record_approval(ctx.client, target.name, target.version, status=decision.status,
+        record_approval(ctx.client, target.name, target.version, status=decision.status,
                            run_id=run_id, spec_sha256=ctx.spec_sha,
                            policy_sha256=policy.sha256, summary=summary)
         return Outcome(target.name, target.version, decision.status, tr.one_line(summary),
@@ -429,8 +281,8 @@ def _audit_version(ctx: _Context, target: Target, policy: PolicyRef, tags: dict[
 
 
 def _run_audit(ctx: _Context, target: Target) -> AuditResult:
-    from governance.audit import run_audit
-    from governance.models import load_model
+    from governance.audit.run import run_audit
+    from governance.models.loading import load_model
 
     opts = ctx.config.audit
     with mlflow_uris(ctx.config):
@@ -467,8 +319,8 @@ def _check_quality(ctx: _Context, run_id: str, result: AuditResult, out: Path) -
     """Great Expectations on the question sample and the audit tables, logged as evidence
     under `quality/`. A failed check stops the version before anything is published: it is
     recorded as `error`, never given a verdict."""
-    from governance.audit import sampled_questions
-    from governance.quality import validate_audit, validate_questions
+    from governance.audit.spec import sampled_questions
+    from governance.judge.quality import validate_audit, validate_questions
 
     checks = {"questions": validate_questions(sampled_questions(ctx.spec)),
               "audit": validate_audit(result)}
@@ -515,7 +367,8 @@ class _system_metrics:
 def _record_error(ctx: _Context, target: Target, policy: PolicyRef, run_id: str, reason: str,
                   trace: str) -> None:
     """Mark the run FAILED (state error) and the version `error`; never raises."""
-    from governance import tracking as tr
+    from governance.tracking import runs as tr
+    from governance.tracking.registry import record_approval
 
     try:
         with tempfile.TemporaryDirectory(prefix="persona-gov-error-") as tmp:
@@ -529,59 +382,11 @@ def _record_error(ctx: _Context, target: Target, policy: PolicyRef, run_id: str,
     except Exception as exc:
         log.error("could not mark run %s as failed: %s", run_id, redact(exc))
     try:
-        tr.record_approval(ctx.client, target.name, target.version, status="error",
+        record_approval(ctx.client, target.name, target.version, status="error",
                            run_id=run_id, spec_sha256=ctx.spec_sha,
                            policy_sha256=policy.sha256, summary=f"error: {reason}")
     except Exception as exc:
         log.error("could not record the error on %s: %s", target.label, redact(exc))
-
-
-# -- the baseline ---------------------------------------------------------------------------
-
-
-def resolve_baseline(
-    client: MlflowClient, experiment_ids: list[str], target: Target, policy: PolicyRef,
-    spec_sha: str, current_run_id: str, dst: Path, current: AuditResult | None = None,
-) -> tuple[AuditResult | None, str | None]:
-    """The baseline audit the policy names: the latest completed audit, under the same spec,
-    of the version holding the alias / the previous version / this version. Returns (audit or
-    None, a note saying why there is none).
-
-    A version that itself holds the baseline alias and has no earlier audit is the approved
-    baseline: it is compared with its own `current` audit (no drift by definition), with a
-    note saying so, rather than reported as missing a baseline."""
-    from governance.tracking import find_audit_run, load_audit
-    from jobs.discovery import all_versions
-    from jobs.verdict import baseline_choice
-
-    choice = baseline_choice(policy)
-    if choice is None:
-        return None, None
-    if choice.kind == "alias":
-        try:
-            version = str(client.get_model_version_by_alias(target.name, choice.alias).version)
-        except Exception:
-            return None, (f"baseline alias {choice.alias!r} is not set on {target.name!r}: "
-                          "no baseline")
-    elif choice.kind == "previous":
-        older = [mv for mv in all_versions(client, target.name)
-                 if int(mv.version) < int(target.version)]
-        if not older:
-            return None, f"{target.label} has no previous version: no baseline"
-        version = str(older[0].version)
-    else:
-        version = target.version
-    run = find_audit_run(client, experiment_ids, target.name, version, spec_sha256=spec_sha,
-                         exclude_run_id=current_run_id)
-    if run is None and choice.kind == "alias" and version == target.version and current:
-        return current, (f"{target.label} holds the baseline alias {choice.alias!r}: it is the "
-                         "baseline, compared with itself")
-    if run is None:
-        return None, (f"baseline {choice.describe()} ({target.name} v{version}) has no "
-                      f"completed audit under spec {spec_sha[:12]}: no baseline")
-    log.info("baseline for %s: v%s run %s (%s)", target.label, version, run.info.run_id,
-             choice.describe())
-    return load_audit(client, run.info.run_id, dst), None
 
 
 # -- entry points ---------------------------------------------------------------------------

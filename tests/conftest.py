@@ -19,14 +19,14 @@ def _one_torch_thread():
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from governance.tiny import tiny_tokenizer
+    from governance.models.tiny import tiny_tokenizer
 
     return tiny_tokenizer()
 
 
 @pytest.fixture(scope="session")
 def plain_tokenizer():
-    from governance.tiny import tiny_tokenizer
+    from governance.models.tiny import tiny_tokenizer
 
     return tiny_tokenizer(chat_template=False)
 
@@ -35,9 +35,9 @@ def plain_tokenizer():
 def aligned(tokenizer):
     """Two aligned persona pairs on two questions; the first pair differs in token length
     (exercises padding). Shared by the engine tests."""
-    from governance.personas import load_catalogue
-    from governance.prompts import PromptBuilder, PromptFormat
-    from governance.questions import Question
+    from governance.inputs.personas import load_catalogue
+    from governance.inputs.prompts import PromptBuilder, PromptFormat
+    from governance.inputs.questions import Question
 
     questions = [
         Question("q1", "math", "Which number is prime?", ("4", "6", "7", "9"), "C"),

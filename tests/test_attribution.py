@@ -4,10 +4,10 @@ supported architecture (tiny random models, fp32)."""
 import numpy as np
 import pytest
 
-from governance.architectures import anatomy_of
+from governance.models.architectures import anatomy_of
+from governance.models.tiny import TINY_ARCHITECTURES, tiny_model
 from governance.patching.attribution import atp_screen
 from governance.patching.engine import sweep
-from governance.tiny import TINY_ARCHITECTURES, tiny_model
 
 SWEEPS = [("head", "all"), ("resid_pre", "identity"), ("mlp_out", "last"), ("attn_out", "all")]
 

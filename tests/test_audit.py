@@ -7,19 +7,14 @@ import pandas as pd
 import pytest
 import torch
 
-from governance.audit import (
-    BEHAVIOUR_COLUMNS,
-    PAIR_COLUMNS,
-    SCORE_COLUMNS,
-    AuditResult,
-    AuditSpec,
-    run_audit,
-)
+from governance.audit.result import BEHAVIOUR_COLUMNS, PAIR_COLUMNS, SCORE_COLUMNS, AuditResult
+from governance.audit.run import run_audit
+from governance.audit.spec import AuditSpec
 from governance.errors import ConfigError, PromptError
-from governance.models import LoadedModel
+from governance.models.loading import LoadedModel
+from governance.models.tiny import tiny_model, tiny_questions
 from governance.patching.engine import Patch, PatchingEngine
 from governance.patching.scores import restoration
-from governance.tiny import tiny_model, tiny_questions
 
 _questions = tiny_questions
 
@@ -120,8 +115,8 @@ def test_score_recomputes_from_stored_prompts(result, tokenizer, tmp_path):
 
 
 def test_spec_hash_depends_on_content_not_paths(tokenizer):
-    from governance.audit import spec_hash
-    from governance.personas import load_catalogue
+    from governance.audit.spec import spec_hash
+    from governance.inputs.personas import load_catalogue
 
     cat = load_catalogue()
     a = spec_hash(AuditSpec(questions="/a/x.jsonl"), cat, "abc")
@@ -168,10 +163,20 @@ def test_refused_alignment_skips_pair_with_reason(tokenizer):
     assert "differ in token length" in skip["reason"]
 
 
-def test_unknown_persona_and_missing_questions_are_clear_errors(tokenizer):
+def test_an_explicit_pair_outside_the_catalogue_is_audited_as_ad_hoc(tokenizer):
+    spec = SPEC.model_copy(update={"pairs": [("a wizard", "a man")], "attention": False})
+    result = run_audit(_loaded(tokenizer), spec, questions=_questions(), progress=False)
+    personas = dict(zip(result.behaviour["persona"], result.behaviour["category"], strict=True))
+    assert personas["a wizard"] == "ad_hoc" and personas["a man"] == "gender"
+    pair = result.pairs[result.pairs["kind"] == "extra"].iloc[0]
+    assert (pair.clean_persona, pair.corrupt_persona, pair.category) == ("a wizard", "a man",
+                                                                         "gender")
+
+
+def test_empty_persona_and_missing_questions_are_clear_errors(tokenizer):
     loaded = _loaded(tokenizer)
-    with pytest.raises(ConfigError, match="not in the catalogue"):
-        run_audit(loaded, SPEC.model_copy(update={"pairs": [("a wizard", "a man")]}),
+    with pytest.raises(ConfigError, match="persona phrase must be non-empty"):
+        run_audit(loaded, SPEC.model_copy(update={"pairs": [(" ", "a man")]}),
                   questions=_questions(), progress=False)
     with pytest.raises(ConfigError, match="no question set"):
         run_audit(loaded, AuditSpec(), progress=False)
@@ -246,7 +251,7 @@ def test_screen_agreement_measures(estimate, spearman, recall):
 def test_results_are_read_back_one_question_behind():
     """The audit reads question k's results (a device sync on a GPU) only after question k+1
     is queued, and still yields every result once, in order."""
-    from governance.audit import _one_ahead
+    from governance.audit.run import _one_ahead
 
     produced = []
 

@@ -5,8 +5,8 @@ import json
 import pandas as pd
 import pytest
 
-from governance.cli import build_parser, main
-from governance.tiny import tiny_model
+from governance.models.tiny import tiny_model
+from jobs.cli.main import build_parser, main
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +56,9 @@ def test_failed_audit_leaves_earlier_results_intact(model_dir, questions, tmp_pa
     assert _audit(model_dir, questions, out) == 0
     before = (out / "scores.csv").read_text()
     rc = main(["audit", "--model", str(model_dir), "--questions", str(questions),
-               "--pair", "a wizard", "a woman", "--no-progress", "--out", str(out)])
+               "--layers", "7", "--no-progress", "--out", str(out)])
     assert rc == 2
-    assert "a wizard" in capsys.readouterr().err
+    assert "layer 7 is out of range" in capsys.readouterr().err
     assert (out / "scores.csv").read_text() == before
     assert not list(tmp_path.glob(".audit.partial-*"))
 

@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from governance.cli import main
-from governance.tiny import tiny_model
+from governance.models.tiny import tiny_model
+from jobs.cli.main import main
 
 PLANT = ("2", "1", "8")  # layer, head, scale
 
@@ -91,7 +91,7 @@ def test_second_run_reuses_everything(demo, capsys):
 
 
 def test_fetcher_rejects_a_wrong_hash(tmp_path, monkeypatch):
-    from governance import assets
+    from governance.inputs import assets
 
     monkeypatch.setenv("PERSONA_GOV_CACHE", str(tmp_path))
     target = assets.asset_path(assets.ASSETS["mmlu"])
@@ -102,7 +102,7 @@ def test_fetcher_rejects_a_wrong_hash(tmp_path, monkeypatch):
 
 
 def test_fetcher_reports_a_missing_file_and_how_to_supply_it(tmp_path, monkeypatch):
-    from governance import assets
+    from governance.inputs import assets
 
     monkeypatch.setenv("PERSONA_GOV_CACHE", str(tmp_path))
     fake = assets.Asset("nowhere", "persona-governance-no-such-wheel==0.0.1", "0" * 64,
@@ -115,7 +115,7 @@ def test_fetcher_reports_a_missing_file_and_how_to_supply_it(tmp_path, monkeypat
 
 
 def test_unknown_asset_is_named():
-    from governance import assets
+    from governance.inputs import assets
 
     with pytest.raises(assets.AssetError, match="known assets"):
         assets.fetch("gpt-17")

@@ -10,12 +10,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from governance.audit import AuditResult, AuditSpec, run_audit
-from governance.cli import main
-from governance.drift import DriftError, drift_report, load_audit_source
-from governance.errors import ConfigError
-from governance.models import LoadedModel
-from governance.tiny import tiny_model, tiny_questions
+from governance.audit.result import AuditResult
+from governance.audit.run import run_audit
+from governance.audit.spec import AuditSpec
+from governance.errors import ConfigError, DriftError
+from governance.judge.drift import drift_report
+from governance.models.loading import LoadedModel
+from governance.models.tiny import tiny_model, tiny_questions
+from governance.tracking.runs import load_audit
+from jobs.cli.main import main
 
 SPEC = AuditSpec(
     n_questions=6,
@@ -153,7 +156,7 @@ def test_runs_uri_downloads_the_audit_artifacts(audit, tmp_path, capsys):
     audit.save(tmp_path / "audit")
     client.log_artifacts(run, str(tmp_path / "audit"), "audit")
 
-    loaded = load_audit_source(f"runs:/{run}", tracking_uri=uri,
+    loaded = load_audit(f"runs:/{run}", tracking_uri=uri,
                                download_dir=tmp_path / "dl")
     pd.testing.assert_frame_equal(loaded.scores, audit.scores, check_dtype=False)
     assert loaded.meta["spec_sha256"] == audit.meta["spec_sha256"]
@@ -178,12 +181,12 @@ def test_columns_differing_only_in_float_noise_do_not_break_evidently(tmp_path):
     histogram binning of Evidently: it is no change."""
     import numpy as np
 
-    from governance.drift import _evidently
+    from governance.judge.drift import evidently_drift
 
     base = pd.DataFrame({"a": np.linspace(0, 1, 35), "b": np.full(35, 0.7)})
     cur = base.copy()
     cur["b"] = 0.7 + (np.arange(35) % 7 - 3) * np.spacing(0.7)  # +-3 ulp: binning fails
-    share, distances, files = _evidently(cur, base, tmp_path, "wasserstein", 0.1)
+    share, distances, files = evidently_drift(cur, base, tmp_path, "wasserstein", 0.1)
     assert share == 0.0
     assert distances["b"] == pytest.approx(0.0, abs=1e-9)
     assert files["evidently_html"].exists()

@@ -5,12 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from governance.architectures import anatomy_of
+from governance.models.architectures import anatomy_of
+from governance.models.tiny import TINY_ARCHITECTURES, tiny_model
 from governance.patching.engine import Patch, PatchingEngine, sweep
 from governance.patching.reference import reference_patch_logits
 from governance.patching.scores import restoration
 from governance.patching.sites import Site, capture, hooked, last_logits
-from governance.tiny import TINY_ARCHITECTURES, tiny_model
 
 STRATEGIES = {  # the hooked paths; tests/test_fused.py checks the fused one the same way
     "full": dict(resume=False, prefix=False),

@@ -4,11 +4,11 @@ slow reference loop, on every architecture it runs (tiny random models, fp32, CP
 import pytest
 import torch
 
-from governance.architectures import anatomy_of
+from governance.models.architectures import anatomy_of
+from governance.models.tiny import TINY_ARCHITECTURES, tiny_model
 from governance.patching.engine import Patch, PatchingEngine, sweep
 from governance.patching.fused import FUSED_ARCHITECTURES, FusedDecoder, unfusable_reason
 from governance.patching.reference import reference_patch_logits
-from governance.tiny import TINY_ARCHITECTURES, tiny_model
 
 ALL_SWEEPS = [(c, p) for c in ("resid_pre", "mlp_out", "attn_out", "head")
               for p in ("identity", "last", "all")]

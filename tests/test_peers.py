@@ -4,10 +4,10 @@ patching helper and the engine (fused and hooked) must give the same metric for 
 import pytest
 import torch
 
-from governance.architectures import anatomy_of
+from governance.models.architectures import anatomy_of
+from governance.models.tiny import tiny_model
 from governance.patching.engine import PatchingEngine, sweep
 from governance.patching.peers import head_sweep, to_transformer_lens
-from governance.tiny import tiny_model
 
 OPTIONS = [5, 9, 11, 17]
 

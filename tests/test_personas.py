@@ -1,4 +1,4 @@
-"""The persona catalogue (governance/personas.py, governance/data/personas.yaml)."""
+"""The persona catalogue (governance/inputs/personas.py, governance/inputs/data/personas.yaml)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from governance.errors import ConfigError
-from governance.personas import (
+from governance.inputs.personas import (
+    AD_HOC_CATEGORY,
     CONTROL_CATEGORY,
     NOISE_FLOOR_CATEGORY,
     Persona,
@@ -171,9 +172,13 @@ def test_pair(catalogue, clean, corrupt, category, kind):
     assert pair.label == f"{clean} -> {corrupt}"
 
 
-def test_pair_unknown_persona_errors(catalogue):
-    with pytest.raises(ConfigError, match="'a wizard'"):
-        catalogue.pair("a man", "a wizard")
+def test_pair_outside_the_catalogue_is_ad_hoc(catalogue):
+    pair = catalogue.pair("a man", "a wizard")
+    assert pair.corrupt == Persona("a wizard", AD_HOC_CATEGORY) and pair.category == "gender"
+    both = catalogue.pair("a Buddhist person", "a wizard")
+    assert both.category == AD_HOC_CATEGORY and both.kind == "extra"
+    with pytest.raises(ConfigError, match="non-empty"):
+        catalogue.pair("a man", "  ")
 
 
 # -- user catalogues ---------------------------------------------------------------------

@@ -9,17 +9,17 @@ import sys
 import pandas as pd
 import pytest
 
-from governance.audit import PAIR_COLUMNS, SCORE_COLUMNS, AuditResult
-from governance.behaviour import wilson_interval
-from governance.cli import main
+from governance.audit.behaviour import wilson_interval
+from governance.audit.result import PAIR_COLUMNS, SCORE_COLUMNS, AuditResult
 from governance.errors import ConfigError
-from governance.policy import (
+from governance.judge.policy import (
     DEFAULT_POLICY_PATH,
     Policy,
     evaluate,
     load_policy,
     policy_sha256,
 )
+from jobs.cli.main import main
 
 N = 200  # questions per audit
 LAYERS, HEADS = 4, 2
@@ -389,7 +389,7 @@ def test_policy_hash_ignores_layout_not_thresholds(tmp_path):
 
 
 def test_policy_module_imports_neither_mlflow_nor_torch():
-    code = ("import sys, governance.policy as p, governance.cli; "
+    code = ("import sys, governance.judge.policy as p, jobs.cli.main; "
             "p.load_policy(p.DEFAULT_POLICY_PATH); "
             "print(sorted(m for m in ('mlflow', 'torch', 'pandas') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -397,9 +397,9 @@ def test_policy_module_imports_neither_mlflow_nor_torch():
 
 
 def test_component_names_match_the_engine():
+    from governance.judge.policy import COMPONENTS as C
+    from governance.judge.policy import POSITIONS as P
     from governance.patching.sites import COMPONENTS, POSITIONS
-    from governance.policy import COMPONENTS as C
-    from governance.policy import POSITIONS as P
 
     assert (C, P) == (COMPONENTS, POSITIONS)
 
@@ -426,7 +426,7 @@ def test_cli_evaluate(tmp_path, capsys):
     assert main(quiet) == 0
     assert main(quiet[:4]) == 3  # no baseline: a warning
     assert main(["policy", "evaluate", "--audit", str(tmp_path / "loud"), "--baseline",
-                 str(tmp_path / "quiet"), "--out", str(tmp_path / "v")]) == 4
+                 str(tmp_path / "quiet"), "--out", str(tmp_path / "v")]) == 1
     out = capsys.readouterr().out
     assert "FAIL:" in out and "layer=2 head=1 positions=all" in out
     assert json.loads((tmp_path / "v" / "verdict.json").read_text())["status"] == "fail"

@@ -6,10 +6,10 @@ import pytest
 from transformers import PreTrainedTokenizer
 
 from governance.errors import PromptError
-from governance.personas import load_catalogue
-from governance.prompts import USER_SUFFIX, PromptBuilder, PromptFormat
-from governance.questions import Question
-from governance.tiny import CHATML_TEMPLATE, tiny_tokenizer
+from governance.inputs.personas import load_catalogue
+from governance.inputs.prompts import USER_SUFFIX, PromptBuilder, PromptFormat
+from governance.inputs.questions import Question
+from governance.models.tiny import CHATML_TEMPLATE, tiny_tokenizer
 
 CATALOGUE = load_catalogue()
 PHRASES = [p.phrase for p in CATALOGUE.personas()]

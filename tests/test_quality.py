@@ -9,11 +9,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from governance.audit import AuditResult, AuditSpec, run_audit
-from governance.models import LoadedModel
-from governance.quality import validate_audit, validate_questions
-from governance.questions import Question
-from governance.tiny import tiny_model, tiny_questions
+from governance.audit.result import AuditResult
+from governance.audit.run import run_audit
+from governance.audit.spec import AuditSpec
+from governance.inputs.questions import Question
+from governance.judge.quality import validate_audit, validate_questions
+from governance.models.loading import LoadedModel
+from governance.models.tiny import tiny_model, tiny_questions
 
 _questions = tiny_questions
 

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 from governance.errors import QuestionSetError
-from governance.questions import LETTERS, Question, load_questions, sample_questions
+from governance.inputs.questions import LETTERS, Question, load_questions, sample_questions
 
 SUBJECT = "high_school_physics"
 

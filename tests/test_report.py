@@ -27,10 +27,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from governance.audit import AuditResult, AuditSpec, run_audit
-from governance.models import LoadedModel
-from governance.report import render_report
-from governance.tiny import tiny_model, tiny_questions
+from governance.audit.result import AuditResult
+from governance.audit.run import run_audit
+from governance.audit.spec import AuditSpec
+from governance.models.loading import LoadedModel
+from governance.models.tiny import tiny_model, tiny_questions
+from governance.report.page import render_report
 
 SPEC = AuditSpec(
     n_questions=6,
@@ -129,7 +131,7 @@ def test_page_without_verdict_or_drift_says_so(audit, tmp_path):
 
 
 def test_drift_summary_is_shown(audit, tmp_path):
-    from governance.drift import drift_report
+    from governance.judge.drift import drift_report
 
     baseline = AuditResult(audit.scores.copy(), audit.attention, audit.behaviour, audit.pairs,
                            dict(audit.meta))
@@ -426,7 +428,7 @@ def _not_blank(png: bytes, rect: dict) -> tuple[float, float]:
 @pytest.mark.e2e
 def test_report_and_evidently_render_in_mlflow_artifact_viewer(audit, tmp_path):
     binary = _need_chromium()
-    from governance.drift import drift_report
+    from governance.judge.drift import drift_report
 
     baseline = AuditResult(audit.scores.copy(), audit.attention, audit.behaviour, audit.pairs,
                            dict(audit.meta))

@@ -131,7 +131,7 @@ def test_run_missed_while_down_fires_on_restart(tmp_path):
     seen = _restart_and_wait(config, kwargs, trigger,
                              ev.EVENT_JOB_EXECUTED | ev.EVENT_JOB_MISSED | ev.EVENT_JOB_ERROR)
     assert list(seen) == [ev.EVENT_JOB_EXECUTED], seen
-    assert seen[ev.EVENT_JOB_EXECUTED].retval == 1  # the configured model does not exist
+    assert seen[ev.EVENT_JOB_EXECUTED].retval == 4  # the configured model does not exist
     # the pass really ran against the configured store: it created the experiment
     assert MlflowClient(config.tracking_uri).get_experiment_by_name("persona-audits")
 
@@ -156,7 +156,7 @@ def test_run_missed_beyond_grace_is_reported(tmp_path, caplog):
 def _start(cfg: Path, log: Path, *extra: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PERSONA_AUDIT"))}
     return subprocess.Popen(
-        [sys.executable, "-m", "governance.cli", "schedule", "--config", str(cfg), *extra],
+        [sys.executable, "-m", "jobs.cli.main", "schedule", "--config", str(cfg), *extra],
         stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env)
 
 

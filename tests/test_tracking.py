@@ -1,4 +1,4 @@
-"""governance.tracking against a real SQLite tracking store: metric keys, batching, the
+"""governance.tracking.runs against a real SQLite tracking store: metric keys, batching, the
 logged run, load_audit, finding completed audits, and the approval record."""
 
 from __future__ import annotations
@@ -6,10 +6,12 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from governance import tracking as tr
-from governance.audit import AuditSpec, run_audit
-from governance.models import LoadedModel
-from governance.tiny import tiny_model, tiny_questions
+from governance.audit.run import run_audit
+from governance.audit.spec import AuditSpec
+from governance.models.loading import LoadedModel
+from governance.models.tiny import tiny_model, tiny_questions
+from governance.tracking import runs as tr
+from governance.tracking.registry import record_approval
 
 SPEC = AuditSpec(
     n_questions=4,
@@ -126,7 +128,7 @@ def test_log_and_load_audit(client, experiment, result, tmp_path):
     assert list(grid.columns[:4]) == ["category", "positions", "layer", "head"]
     assert len(grid) == 2 * 3 * 4  # positions x layers x heads
 
-    back = tr.load_audit(client, run_id, tmp_path / "back")
+    back = tr.load_audit(f"runs:/{run_id}", client=client, download_dir=tmp_path / "back")
     pd.testing.assert_frame_equal(back.scores, result.scores, check_dtype=False)
     assert back.meta["spec_sha256"] == result.meta["spec_sha256"]
     assert back.spec == SPEC
@@ -168,7 +170,7 @@ def test_record_approval_appends(client):
     client.create_registered_model("approved")
     client.create_model_version("approved", "/nowhere", description="Written by a person.")
     for status in ("pass", "fail"):
-        tr.record_approval(client, "approved", "1", status=status, run_id=f"run-{status}",
+        record_approval(client, "approved", "1", status=status, run_id=f"run-{status}",
                            spec_sha256="a" * 64, policy_sha256="b" * 64,
                            summary=f"{status.upper()}:\nfirst line\nsecond")
     mv = client.get_model_version("approved", "1")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from governance.architectures import Anatomy
+from governance.models.architectures import Anatomy
 from governance.patching.engine import Patch, position_mask
 from governance.patching.sites import Site, capture, hooked, last_logits
 

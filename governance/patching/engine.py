@@ -17,11 +17,10 @@ import torch
 from torch import nn
 from transformers import Cache
 
-from governance.architectures import Anatomy
+from governance.models.architectures import Anatomy
+from governance.names import COMPONENTS, POSITIONS
 from governance.patching.fused import FusedDecoder, unfusable_reason
 from governance.patching.sites import (
-    COMPONENTS,
-    POSITIONS,
     Site,
     capture,
     capturing,
@@ -218,7 +217,7 @@ class PatchingEngine:
         if len(clean_ids) != len(corrupt_ids):
             raise ValueError(
                 f"clean and corrupt prompts differ in length ({len(clean_ids)} vs "
-                f"{len(corrupt_ids)}); align them first (governance.prompts)"
+                f"{len(corrupt_ids)}); align them first (governance.inputs.prompts)"
             )
         dev = self.device
         options = None if option_ids is None else to_device(list(option_ids), dev)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from governance.architectures import Anatomy
+from governance.models.architectures import Anatomy
 from governance.patching.sites import Edit, Site
 
 FUSED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")

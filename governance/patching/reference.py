@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from governance.architectures import Anatomy
+from governance.models.architectures import Anatomy
 from governance.patching.engine import Patch
 
 

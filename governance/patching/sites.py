@@ -21,10 +21,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from governance.architectures import Anatomy
-
-COMPONENTS = ("resid_pre", "mlp_out", "attn_out", "head")
-POSITIONS = ("identity", "last", "all")
+from governance.models.architectures import Anatomy
+from governance.names import COMPONENTS
 
 # (batch, pos, d) -> (batch, pos, d); heads see (batch, pos, head, d_head)
 Edit = Callable[[torch.Tensor], torch.Tensor]

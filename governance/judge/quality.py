@@ -1,6 +1,6 @@
 """Data-quality gates with Great Expectations 1.x: question sets in, audit tables out.
 
-    from governance.quality import validate_audit, validate_questions
+    from governance.judge.quality import validate_audit, validate_questions
     q = validate_questions(questions)          # list[Question] or a DataFrame
     a = validate_audit(result)                 # an AuditResult
     if not a.success: print(a.failures)        # which expectation failed on which rows
@@ -29,191 +29,27 @@ ephemeral context wrote nothing there.
 
 from __future__ import annotations
 
-import functools
-import json
 import re
-import threading
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-from governance.questions import LETTERS, Question
+from governance.inputs.questions import LETTERS, Question
+from governance.judge.expectations import (
+    FLOAT_MAX,
+    MASS_TOLERANCE,
+    Check,
+    QualityResult,
+    meta_failure,
+    quality_result,
+    validate_table,
+)
 
 if TYPE_CHECKING:
-    from governance.audit import AuditResult
+    from governance.audit.result import AuditResult
 
-FLOAT_MAX = float(np.finfo(np.float64).max)
-MASS_TOLERANCE = 1e-6  # float32 attention weights may sum a hair above 1
-CHECK_COLUMNS = ["name", "table", "expectation", "column", "success", "unexpected_count",
-                 "failed_rows", "failed_values", "observed", "note"]
-
-
-@dataclass
-class QualityResult:
-    """Outcome of one suite: every check, and the failed ones with their rows and values."""
-
-    suite: str
-    success: bool
-    checks: pd.DataFrame  # CHECK_COLUMNS, one row per expectation
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def failures(self) -> pd.DataFrame:
-        return self.checks[~self.checks["success"].astype(bool)].reset_index(drop=True)
-
-    def failed_names(self) -> list[str]:
-        return list(self.failures["name"])
-
-    def summary(self) -> str:
-        if self.success:
-            return f"{self.suite}: all {len(self.checks)} expectations passed"
-        lines = [f"{self.suite}: {len(self.failures)} of {len(self.checks)} expectations failed"]
-        for _, r in self.failures.iterrows():
-            rows = _short(r["failed_rows"])
-            lines.append(f"  {r['name']} ({r['table']}.{r['column'] or '*'}): "
-                         f"{r['unexpected_count'] or 0} rows {rows} {r['note'] or ''}".rstrip())
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "suite": self.suite,
-            "success": self.success,
-            "n_expectations": len(self.checks),
-            "n_failed": len(self.failures),
-            "notes": self.notes,
-            "checks": json.loads(self.checks.to_json(orient="records", default_handler=str)),
-        }
-
-    def save(self, out_dir: str | Path) -> Path:
-        """Write quality_<suite>.json (all checks) and quality_<suite>_failures.csv."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"quality_{self.suite}.json"
-        path.write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
-        failures = self.failures.copy()
-        for col in ("failed_rows", "failed_values", "observed"):
-            failures[col] = failures[col].map(lambda v: json.dumps(v, default=str))
-        failures.to_csv(out / f"quality_{self.suite}_failures.csv", index=False)
-        return path
-
-
-def _short(value: Any, n: int = 5) -> str:
-    if not value:
-        return ""
-    items = list(value)
-    more = f" (+{len(items) - n} more)" if len(items) > n else ""
-    return json.dumps(items[:n], default=str) + more
-
-
-# -- the GX context: one per process ---------------------------------------------------------
-
-_LOCK = threading.Lock()
-
-
-@functools.cache
-def _context():
-    """The process's ephemeral GX context and its pandas data source (built once)."""
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
-
-    ctx = gx.get_context(mode="ephemeral")
-    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
-    return ctx, ctx.data_sources.add_pandas("governance")
-
-
-@functools.cache
-def _batch_definition(table: str):
-    _, source = _context()
-    return source.add_dataframe_asset(table).add_batch_definition_whole_dataframe("all")
-
-
-@dataclass(frozen=True)
-class Check:
-    """One named expectation on one table: `kind` is a GX expectation class name."""
-
-    name: str
-    kind: str
-    kwargs: dict[str, Any]
-
-    @property
-    def column(self) -> str | None:
-        return self.kwargs.get("column")
-
-
-def _validate(table: str, frame: pd.DataFrame, checks: Sequence[Check],
-              index_columns: list[str]) -> list[dict[str, Any]]:
-    """Run `checks` on `frame` as one GX suite; one record per check."""
-    import great_expectations as gx
-
-    _context()  # a suite needs the process's context to exist first
-    suite = gx.ExpectationSuite(name=f"governance_{table}")
-    for check in checks:
-        expectation = getattr(gx.expectations, check.kind)(**check.kwargs,
-                                                           meta={"name": check.name})
-        suite.add_expectation(expectation)
-    result_format = {"result_format": "COMPLETE",
-                     "unexpected_index_column_names": [c for c in index_columns
-                                                       if c in frame.columns]}
-    with _LOCK:
-        batch = _batch_definition(table).get_batch(batch_parameters={"dataframe": frame})
-        results = batch.validate(suite, result_format=result_format)
-    records = []
-    for res in results.results:
-        config = res.expectation_config
-        info = res.result or {}
-        note = ""
-        if res.exception_info and res.exception_info.get("raised_exception"):
-            note = str(res.exception_info.get("exception_message", ""))[:500]
-        index_rows = info.get("unexpected_index_list") or []
-        rows = [{k: v for k, v in r.items() if k in index_columns} for r in index_rows
-                if isinstance(r, dict)]
-        records.append({
-            "name": (config.meta or {}).get("name", config.type),
-            "table": table,
-            "expectation": config.type,
-            "column": config.kwargs.get("column"),
-            "success": bool(res.success),
-            "unexpected_count": _plain(info.get("unexpected_count")),
-            "failed_rows": _plain(rows) if not res.success else [],
-            "failed_values": (_plain(info.get("unexpected_list") or [])[:50]
-                              if not res.success else []),
-            "observed": _plain(info.get("observed_value")),
-            "note": note,
-        })
-    return records
-
-
-def _plain(value: Any) -> Any:
-    """numpy/pandas scalars inside GX results -> plain Python (NaN and NA -> None)."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        return [_plain(v) for v in value]
-    if value is pd.NA or value is None:
-        return None
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and np.isnan(value):
-        return None
-    return value
-
-
-def _result(suite: str, records: list[dict[str, Any]], notes: list[str]) -> QualityResult:
-    checks = pd.DataFrame(records, columns=CHECK_COLUMNS)
-    checks["unexpected_count"] = checks["unexpected_count"].astype("Int64")
-    return QualityResult(suite, bool(checks["success"].all()) if len(checks) else False,
-                         checks, notes)
-
-
-def _meta_failure(name: str, table: str, note: str) -> dict[str, Any]:
-    """A check that could not be expressed because the metadata it needs is missing."""
-    return {"name": name, "table": table, "expectation": "metadata", "column": None,
-            "success": False, "unexpected_count": None, "failed_rows": [], "failed_values": [],
-            "observed": None, "note": note}
 
 
 # -- question sets ---------------------------------------------------------------------------
@@ -288,8 +124,8 @@ def validate_questions(questions: list[Question] | pd.DataFrame) -> QualityResul
                 or c.kind == "ExpectColumnToExist"]
     skipped = [c.name for c in checks if c not in runnable]
     notes = [f"not run (column missing): {', '.join(skipped)}"] if skipped else []
-    records = _validate("questions", frame, runnable, ["id"])
-    return _result("questions", records, notes)
+    records = validate_table("questions", frame, runnable, ["id"])
+    return quality_result("questions", records, notes)
 
 
 # -- audit outputs ---------------------------------------------------------------------------
@@ -310,8 +146,8 @@ class _Expected:
 
 def _expected(result: AuditResult) -> _Expected:
     """What the tables must contain, from the recorded spec, catalogue and model identity."""
-    from governance.audit import _involved, _resolve_pairs
-    from governance.personas import PersonaCatalogue
+    from governance.audit.spec import involved_personas, resolve_pairs
+    from governance.inputs.personas import PersonaCatalogue
 
     meta = result.meta
     spec = result.spec
@@ -328,11 +164,11 @@ def _expected(result: AuditResult) -> _Expected:
         n_heads = int(att["head"].max()) + 1
         notes.append("meta.model has no n_heads; took the head count from the attention table")
     if n_layers is None:
-        problems.append(_meta_failure("model_layer_count_known", "scores",
+        problems.append(meta_failure("model_layer_count_known", "scores",
                                       "meta.model has no n_layers: layer coverage unchecked"))
     uses_heads = any(c == "head" for c, _ in spec.sweeps)
     if uses_heads and n_heads is None:
-        problems.append(_meta_failure("model_head_count_known", "scores",
+        problems.append(meta_failure("model_head_count_known", "scores",
                                       "meta.model has no n_heads: head coverage unchecked"))
     layers = list(spec.layers) if spec.layers is not None else (
         list(range(n_layers)) if n_layers is not None else [])
@@ -340,13 +176,13 @@ def _expected(result: AuditResult) -> _Expected:
     personas: dict[str, str] = {}
     if "catalogue" in meta:
         catalogue = PersonaCatalogue.model_validate(meta["catalogue"])
-        resolved = _resolve_pairs(spec, catalogue)
+        resolved = resolve_pairs(spec, catalogue)
         skipped = {s["pair"] for s in meta.get("skipped_pairs", [])}
         pairs = [(p.clean.phrase, p.corrupt.phrase, p.category) for p in resolved
                  if p.label not in skipped]
-        personas = _involved(resolved, catalogue)
+        personas = involved_personas(resolved, catalogue)
     else:
-        problems.append(_meta_failure("catalogue_recorded", "scores",
+        problems.append(meta_failure("catalogue_recorded", "scores",
                                       "meta has no catalogue: pair and persona coverage "
                                       "unchecked"))
     n_q = spec.n_questions
@@ -354,7 +190,7 @@ def _expected(result: AuditResult) -> _Expected:
         ids = meta.get("question_ids")
         n_q = len(ids) if ids is not None else None
         if n_q is None:
-            problems.append(_meta_failure("question_count_known", "scores",
+            problems.append(meta_failure("question_count_known", "scores",
                                           "spec.n_questions is None and meta has no "
                                           "question_ids: n_questions unchecked"))
     return _Expected(layers, list(range(n_heads)) if n_heads is not None else None,
@@ -427,24 +263,24 @@ def validate_audit(result: AuditResult) -> QualityResult:
                              "condition_parser": "pandas"}))
     index = ["row", "component", "positions", "layer", "head_label", "clean_persona",
              "corrupt_persona"]
-    records += _validate("scores", scores, checks, index)
+    records += validate_table("scores", scores, checks, index)
 
     if exp.pairs and exp.layers:
         grid = _score_grid(exp, result.scores)
-        records += _validate("score_grid", grid, [
+        records += validate_table("score_grid", grid, [
             Check("score_grid_complete", "ExpectColumnValuesToBeInSet",
                   {"column": "present", "value_set": [True]}),
         ], ["cell"])
 
     records += _validate_attention(result, exp)
     records += _validate_behaviour(result, exp, n_q)
-    return _result("audit", records, exp.notes)
+    return quality_result("audit", records, exp.notes)
 
 
 def _validate_attention(result: AuditResult, exp: _Expected) -> list[dict[str, Any]]:
     att = result.attention
     if not result.spec.attention:
-        return _validate("attention", att, [
+        return validate_table("attention", att, [
             Check("attention_empty_when_off", "ExpectTableRowCountToEqual", {"value": 0})], [])
     att = att.copy()
     att["row"] = range(len(att))
@@ -468,12 +304,12 @@ def _validate_attention(result: AuditResult, exp: _Expected) -> list[dict[str, A
             Check("attention_categories_as_spec", "ExpectColumnDistinctValuesToEqualSet",
                   {"column": "category", "value_set": sorted(set(exp.personas.values()))}),
         ]
-    return _validate("attention", att, checks, ["row", "layer", "head", "persona"])
+    return validate_table("attention", att, checks, ["row", "layer", "head", "persona"])
 
 
 def _validate_behaviour(result: AuditResult, exp: _Expected,
                         n_q: list[int] | None) -> list[dict[str, Any]]:
-    from governance.personas import NO_PERSONA
+    from governance.inputs.personas import NO_PERSONA
 
     records: list[dict[str, Any]] = []
     if result.spec.behaviour:
@@ -490,7 +326,7 @@ def _validate_behaviour(result: AuditResult, exp: _Expected,
         if n_q:
             checks.append(Check("behaviour_n_questions_as_spec", "ExpectColumnValuesToBeInSet",
                                 {"column": "n_questions", "value_set": n_q}))
-        records += _validate("behaviour", result.behaviour, checks, ["persona"])
+        records += validate_table("behaviour", result.behaviour, checks, ["persona"])
     pairs = result.pairs.copy()
     pairs["pair"] = pairs["clean_persona"] + " -> " + pairs["corrupt_persona"]
     checks = []
@@ -502,5 +338,5 @@ def _validate_behaviour(result: AuditResult, exp: _Expected,
         checks.append(Check("pairs_n_questions_as_spec", "ExpectColumnValuesToBeInSet",
                             {"column": "n_questions", "value_set": n_q}))
     if checks:
-        records += _validate("pairs", pairs, checks, ["pair"])
+        records += validate_table("pairs", pairs, checks, ["pair"])
     return records

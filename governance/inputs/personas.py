@@ -1,6 +1,6 @@
 """The persona catalogue: categories of persona phrases, instruction templates, and pairs.
 
-The catalogue is data (YAML, `governance/data/personas.yaml` by default) so that users can
+The catalogue is data (YAML, `governance/inputs/data/personas.yaml` by default) so that users can
 add their own personas, categories and instructions without touching code.
 """
 
@@ -22,11 +22,13 @@ from pydantic import (
 )
 
 from governance.errors import ConfigError, format_validation_error
-from governance.yaml_files import read_yaml_mapping
+from governance.files import read_yaml_mapping
 
 NO_PERSONA = "(no persona)"
 NOISE_FLOOR_CATEGORY = "noise_floor"
 CONTROL_CATEGORY = "control"
+# personas given in an explicit pair that the catalogue does not list
+AD_HOC_CATEGORY = "ad_hoc"
 
 PairKind = Literal["within", "control", "noise_floor", "extra"]
 
@@ -196,11 +198,26 @@ class PersonaCatalogue(BaseModel):
         return out
 
     def pair(self, clean: str, corrupt: str) -> PersonaPair:
-        a, b = self.find(clean), self.find(corrupt)
+        """An explicit pair. A phrase from the catalogue keeps its category; any other phrase
+        is an ad-hoc persona (category `ad_hoc`), so a user can audit a pair the catalogue
+        does not list. The pair takes the first real persona category of the two."""
+        a, b = self.find_or_ad_hoc(clean), self.find_or_ad_hoc(corrupt)
         if a.category == NOISE_FLOOR_CATEGORY and b.category == NOISE_FLOOR_CATEGORY:
             return PersonaPair(a, b, NOISE_FLOOR_CATEGORY, "noise_floor")
-        category = a.category if a.category != CONTROL_CATEGORY else b.category
+        named = [p.category for p in (a, b) if p.category not in (CONTROL_CATEGORY,
+                                                                   AD_HOC_CATEGORY)]
+        category = named[0] if named else (
+            AD_HOC_CATEGORY if AD_HOC_CATEGORY in (a.category, b.category) else a.category)
         return PersonaPair(a, b, category, "extra")
+
+    def find_or_ad_hoc(self, phrase: str) -> Persona:
+        """The catalogue's persona with this phrase, else an ad-hoc persona."""
+        if not isinstance(phrase, str) or not phrase.strip():
+            raise ConfigError(f"a persona phrase must be non-empty text, got {phrase!r}")
+        for persona in self.personas():
+            if persona.phrase == phrase:
+                return persona
+        return Persona(phrase, AD_HOC_CATEGORY)
 
     def to_dict(self) -> dict:
         return self.model_dump(mode="json")
@@ -212,8 +229,9 @@ DEFAULT_CATALOGUE_NAME = "personas.yaml"
 def load_catalogue(path: str | Path | None = None) -> PersonaCatalogue:
     """Load and validate a persona catalogue; `None` loads the packaged default."""
     if path is None:
-        text = resources.files("governance.data").joinpath(DEFAULT_CATALOGUE_NAME).read_text()
-        where = f"<package>/governance/data/{DEFAULT_CATALOGUE_NAME}"
+        data = resources.files("governance.inputs.data")
+        text = data.joinpath(DEFAULT_CATALOGUE_NAME).read_text()
+        where = f"<package>/governance/inputs/data/{DEFAULT_CATALOGUE_NAME}"
     else:
         text, where = None, str(path)
     raw = read_yaml_mapping(where, "persona catalogue", text=text)

@@ -1,6 +1,6 @@
 """Drift of an audit against a baseline audit: which layers and heads moved, and how much.
 
-    from governance.drift import drift_report
+    from governance.judge.drift import drift_report
     drift = drift_report(current, baseline, "out/drift")
     drift.drift_share, drift.top_changes.head()
 
@@ -28,13 +28,10 @@ layer_curves.png (overlay), drift.json, drift_changes.csv, behaviour_changes.csv
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
-import os
 import shutil
 import tempfile
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,10 +39,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from governance.errors import ConfigError, GovernanceError
+from governance.errors import ConfigError, DriftError
+from governance.files import move_into
+from governance.judge.evidently import evidently_drift, table_summaries
 
 if TYPE_CHECKING:
-    from governance.audit import AuditResult
+    from governance.audit.result import AuditResult
+
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,6 @@ BEHAVIOUR_KEYS = ["persona", "category"]
 BEHAVIOUR_VALUES = ["accuracy", "delta", "delta_neutral", "flip_rate", "tv"]
 CHANGE_COLUMNS = ["level", "component", "positions", "category", "layer", "head",
                   "baseline", "current", "change", "abs_change"]
-
-
-class DriftError(GovernanceError):
-    """Two audits cannot be compared, or an audit source cannot be read."""
 
 
 @dataclass
@@ -201,76 +197,11 @@ def _wide(matched: pd.DataFrame, index: list[str], series: list[str], side: str)
     return wide.reset_index(drop=True)
 
 
-def _evidently(current: pd.DataFrame, reference: pd.DataFrame, out_dir: Path, method: str,
-               threshold: float) -> tuple[float, dict[str, float], dict[str, Path]]:
-    """Run Evidently's DataDriftPreset over the shared, not-all-empty columns; save HTML +
-    JSON. Returns (share of drifted columns, distance per column, files)."""
-    from evidently import DataDefinition, Dataset, Report
-    from evidently.presets import DataDriftPreset
-
-    columns = [c for c in current.columns
-               if c in reference.columns and current[c].notna().any()
-               and reference[c].notna().any()]
-    if not columns:
-        raise DriftError("no column of the current and baseline audits has values on both "
-                         "sides: nothing to compare")
-    definition = DataDefinition(numerical_columns=columns)
-    # Evidently's histogram binning fails on a column whose values differ only in the last
-    # float bits ("Too many bins for data range"); 1e-6 is far below any score that matters.
-    current, reference = current[columns].round(6), reference[columns].round(6)
-    report = Report([DataDriftPreset(num_method=method, num_threshold=threshold)],
-                    include_tests=True)
-    with warnings.catch_warnings(), np.errstate(all="ignore"):
-        warnings.simplefilter("ignore", RuntimeWarning)
-        snapshot = report.run(
-            current_data=Dataset.from_pandas(current[columns], data_definition=definition),
-            reference_data=Dataset.from_pandas(reference[columns], data_definition=definition),
-        )
-    files = {"evidently_html": out_dir / "evidently_drift.html",
-             "evidently_json": out_dir / "evidently_drift.json"}
-    snapshot.save_html(str(files["evidently_html"]))
-    snapshot.save_json(str(files["evidently_json"]))
-    share, distances = None, {}
-    for metric in snapshot.dict()["metrics"]:
-        kind = metric["config"].get("type", "")
-        if kind.endswith("DriftedColumnsCount"):
-            share = float(metric["value"]["share"])
-        elif kind.endswith("ValueDrift") and metric["value"] is not None:
-            distances[metric["config"]["column"]] = float(metric["value"])
-    if share is None:
-        raise DriftError("Evidently's drift report has no DriftedColumnsCount metric")
-    return share, distances, files
-
-
-def _is_drift(method: str, value: float, threshold: float) -> bool:
-    # p-value tests drift below the threshold; distances drift at or above it (as Evidently)
-    return value < threshold if method in ("ks", "t_test") else value >= threshold
-
-
-def _table_summaries(distances: dict[str, float], method: str,
-                     threshold: float) -> dict[str, dict[str, Any]]:
-    """Evidently's per-column values grouped by table ('layers/...', 'heads/...')."""
-    tables: dict[str, dict[str, Any]] = {}
-    for column, value in distances.items():
-        table, _, series = column.partition("/")
-        entry = tables.setdefault(table, {"columns": 0, "drifted": 0, "share": 0.0,
-                                          "method": method, "threshold": threshold,
-                                          "drifted_columns": [], "distances": {}})
-        entry["columns"] += 1
-        entry["distances"][series] = value
-        if _is_drift(method, value, threshold):
-            entry["drifted"] += 1
-            entry["drifted_columns"].append(series)
-    for entry in tables.values():
-        entry["share"] = entry["drifted"] / entry["columns"]
-    return tables
-
-
 # -- figures ---------------------------------------------------------------------------------
 
 
 def _head_change_png(changes: pd.DataFrame, path: Path) -> bool:
-    from governance.report import head_matrix, heatmap_panels
+    from governance.plots import head_matrix, heatmap_panels
 
     heads = changes[changes["level"] == "head"]
     if heads.empty:
@@ -284,7 +215,7 @@ def _head_change_png(changes: pd.DataFrame, path: Path) -> bool:
 
 
 def _layer_curves_png(changes: pd.DataFrame, path: Path) -> bool:
-    from governance.report import new_figure, style_layer_axis
+    from governance.plots import new_figure, style_layer_axis
 
     layers = changes[changes["level"] == "layer"]
     if layers.empty:
@@ -379,9 +310,9 @@ def drift_report(
                              .set_axis([f"behaviour/{v}" for v in values], axis=1)
                              .reset_index(drop=True))
             sides[side] = pd.concat(parts, axis=1)
-        share, distances, files = _evidently(sides["current"], sides["baseline"], tmp, method,
+        share, distances, files = evidently_drift(sides["current"], sides["baseline"], tmp, method,
                                              threshold)
-        tables = _table_summaries(distances, method, threshold)
+        tables = table_summaries(distances, method, threshold)
 
         if _head_change_png(top, tmp / "head_change.png"):
             files["head_change"] = tmp / "head_change.png"
@@ -395,99 +326,7 @@ def drift_report(
         result = DriftResult(share, top, beh_changes, tables, files, notes, cur_id, base_id)
         (tmp / "drift.json").write_text(
             json.dumps(result.to_dict(), indent=2, default=str) + "\n")
-        final = {}
-        for key, path in files.items():
-            os.replace(path, out / path.name)
-            final[key] = out / path.name
-        result.files = final
+        result.files = move_into(files, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return result
-
-
-# -- audit sources (directories or MLflow runs) ----------------------------------------------
-
-
-def load_audit_source(source: str, *, tracking_uri: str | None = None,
-                      download_dir: str | Path | None = None) -> AuditResult:
-    """An AuditResult from an audit directory or from `runs:/<run_id>[/<artifact path>]`
-    (default artifact path `audit`, where the nightly loop logs `AuditResult.save()`)."""
-    from governance.audit import AuditResult
-
-    if source.startswith("runs:/"):
-        run_id, _, artifact_path = source[len("runs:/"):].strip("/").partition("/")
-        if not run_id:
-            raise DriftError(f"{source!r}: expected runs:/<run_id> or runs:/<run_id>/<path>")
-        import mlflow
-        from mlflow.exceptions import MlflowException
-
-        dst = Path(download_dir or tempfile.mkdtemp(prefix="persona-gov-audit-"))
-        dst.mkdir(parents=True, exist_ok=True)
-        try:
-            local = mlflow.artifacts.download_artifacts(
-                run_id=run_id, artifact_path=artifact_path or "audit", dst_path=str(dst),
-                tracking_uri=tracking_uri,
-            )
-        except (MlflowException, OSError) as exc:
-            raise DriftError(f"cannot download the audit artifacts of {source!r} "
-                             f"(artifact path {artifact_path or 'audit'!r}): {exc}") from exc
-        return AuditResult.load(local)
-    path = Path(source)
-    if not path.is_dir():
-        raise DriftError(f"{source!r} is neither an audit directory (written by persona-gov "
-                         "audit) nor an MLflow run URI runs:/<run_id>")
-    return AuditResult.load(path)
-
-
-def add_cli(sub: Any) -> None:
-    """Register `persona-gov drift`."""
-    p = sub.add_parser(
-        "drift",
-        help="compare an audit with a baseline audit (Evidently drift + per-head changes)",
-        description=(
-            "Compare the per-layer curves, per-head grid and behaviour table of the current "
-            "audit with a baseline audit. Writes evidently_drift.html/.json, "
-            "head_change.png, layer_curves.png, drift.json, drift_changes.csv and "
-            "behaviour_changes.csv to --out."
-        ),
-        epilog=("examples:\n  persona-gov drift --current out/today --baseline out/approved "
-                "--out out/drift\n  persona-gov drift --current runs:/<run_id> --baseline "
-                "runs:/<run_id> --tracking-uri sqlite:///mlflow.db --out out/drift"),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--current", required=True,
-                   help="audit directory, or runs:/<run_id>[/<path>] (artifact path "
-                        "default 'audit')")
-    p.add_argument("--baseline", required=True, help="audit directory or runs:/<run_id>")
-    p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--method", default=DEFAULT_METHOD, choices=METHODS,
-                   help=f"Evidently drift method for numeric columns (default {DEFAULT_METHOD})")
-    p.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
-                   help=f"drift threshold of the method (default {DEFAULT_THRESHOLD})")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI for runs:/ sources (default: "
-                                          "MLFLOW_TRACKING_URI)")
-    p.set_defaults(func=_cmd_drift)
-
-
-def _cmd_drift(args: argparse.Namespace) -> int:
-    with tempfile.TemporaryDirectory(prefix="persona-gov-drift-") as tmp:
-        current = load_audit_source(args.current, tracking_uri=args.tracking_uri,
-                                    download_dir=Path(tmp) / "current")
-        baseline = load_audit_source(args.baseline, tracking_uri=args.tracking_uri,
-                                     download_dir=Path(tmp) / "baseline")
-        result = drift_report(current, baseline, args.out, method=args.method,
-                              threshold=args.threshold)
-    print(f"drift share (Evidently, {args.method}, threshold {args.threshold}): "
-          f"{result.drift_share:.3f}")
-    for name, table in result.tables.items():
-        print(f"  {name:<10} {table['drifted']}/{table['columns']} columns drifted "
-              f"{table['drifted_columns']}")
-    print("largest changes (current - baseline):")
-    for _, r in result.top_changes.head(5).iterrows():
-        where = f"L{r['layer']}" + (f".H{r['head']}" if r["level"] == "head" else "")
-        print(f"  {r['component']}:{r['positions']:<9} {r['category']:<12} {where:<8} "
-              f"{r['baseline']:+.3f} -> {r['current']:+.3f} ({r['change']:+.3f})")
-    for note in result.notes:
-        print(f"note: {note}")
-    print(f"wrote {Path(args.out)}/ ({', '.join(p.name for p in result.files.values())})")
-    return 0

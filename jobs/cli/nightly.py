@@ -8,6 +8,8 @@ import signal
 import sys
 from typing import Any
 
+from jobs.cli.exits import EXIT_INTERRUPTED
+
 log = logging.getLogger("jobs")
 
 _CONFIG_HELP = ("nightly config YAML (default: $PERSONA_AUDIT_CONFIG, else defaults; env "
@@ -27,8 +29,8 @@ def add_nightly(sub: Any) -> None:
         ),
         epilog=(
             "exit codes: 0 every selected version has a completed audit (pass, warn or fail), "
-            "1 a version errored (its run and tags say why), 2 bad config or unreachable "
-            "tracking server.\n"
+            "2 bad config, 4 a version errored (its run and tags say why) or the tracking "
+            "server is unreachable, 130 interrupted.\n"
             "examples:\n  persona-gov nightly --once --config jobs/nightly.example.yaml\n"
             "  persona-gov nightly --once --model my-llm --force"
         ),
@@ -66,7 +68,7 @@ def _cmd_nightly(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as exc:
         print(f"persona-gov nightly: interrupted ({exc or 'SIGINT'}): the version in "
               "progress is recorded as error", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGTERM, previous)
     print(report.text())
@@ -82,9 +84,9 @@ def add_gate(sub: Any) -> None:
             "current policy, and print why."
         ),
         epilog=(
-            "exit codes: 0 pass; 1 fail, or warn while gate.warn_fails is true (default); "
-            "2 no valid audit (unknown version/alias, never audited, or audited only under "
-            "another policy).\n"
+            "exit codes: 0 pass (or warn with --warn-passes); 1 fail; 3 warn while "
+            "gate.warn_fails is true (default); 2 no valid audit (unknown version/alias, never "
+            "audited, or audited only under another policy); 4 tracking server unreachable.\n"
             "example: persona-gov gate --model my-llm --alias champion --config nightly.yaml"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -96,7 +98,7 @@ def add_gate(sub: Any) -> None:
     p.add_argument("--config", help=_CONFIG_HELP)
     warn = p.add_mutually_exclusive_group()
     warn.add_argument("--warn-fails", dest="warn_fails", action="store_true", default=None,
-                      help="a warn verdict fails the gate (exit 1)")
+                      help="a warn verdict fails the gate (exit 3)")
     warn.add_argument("--warn-passes", dest="warn_fails", action="store_false",
                       help="a warn verdict passes the gate (exit 0)")
     p.set_defaults(func=_cmd_gate)

@@ -95,7 +95,7 @@ TINY_ARCHITECTURES = (
 
 def tiny_questions(n: int = 6, subjects: tuple[str, ...] = ("math", "geo", "bio")):
     """`n` small multiple-choice questions over `subjects`, answers cycling A-D."""
-    from governance.questions import Question
+    from governance.inputs.questions import Question
 
     return [
         Question(f"q{i}", subjects[i % len(subjects)], f"Which number is prime, case {i}?",

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from governance.errors import PromptError
-from governance.questions import LETTERS, Question
+from governance.inputs.questions import LETTERS, Question
 
 Alignment = Literal["pad", "refuse"]
 USER_SUFFIX = "Answer with the letter of the correct option."

@@ -13,7 +13,6 @@ and finishes in seconds.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from dataclasses import dataclass
@@ -95,9 +94,9 @@ def register_demo(uri: str, artifacts: Path, model_source: str, plant: Plant) ->
     """Register version 1 (champion) and version 2 (planted) unless they already exist."""
     from mlflow import MlflowClient
 
-    from governance.models import load_model
+    from governance.models.loading import load_model
     from jobs.config import NightlyConfig
-    from jobs.nightly import mlflow_uris
+    from jobs.connection import mlflow_uris
 
     client = MlflowClient(uri)
     existing = client.search_model_versions(f"name = '{DEMO_MODEL}'")
@@ -194,7 +193,7 @@ def run_demo(directory: str | Path, *, model: str = "smollm2-135m-instruct",
     """Build the demo registry under `directory` and run one nightly pass on it."""
     from mlflow import MlflowClient
 
-    from governance.assets import resolve
+    from governance.inputs.assets import resolve
     from jobs.config import load_config
     from jobs.nightly import run_pass
 
@@ -235,30 +234,3 @@ def run_demo(directory: str | Path, *, model: str = "smollm2-135m-instruct",
           f"'{DEMO_MODEL}').\nGate a deployment on it:\n"
           f"  persona-gov gate --model {DEMO_MODEL} --version 2 --config {config_path}")
     return DemoResult(directory, config_path, report.outcomes, tops, seconds)
-
-
-def add_cli(sub: Any) -> None:
-    p = sub.add_parser(
-        "demo",
-        help="build a local MLflow registry with two audited versions of SmolLM2",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="example: persona-gov demo --dir demo && mlflow ui --backend-store-uri "
-               "sqlite:///demo/mlflow.db",
-    )
-    p.add_argument("--dir", default="demo", help="where the store lives (default ./demo)")
-    p.add_argument("--model", default="smollm2-135m-instruct",
-                   help="model source (default: the pinned SmolLM2 asset)")
-    p.add_argument("--questions", default="mmlu", help="question file (default: pinned MMLU)")
-    p.add_argument("--n-questions", type=int, help=f"default {DEMO_SPEC['n_questions']}")
-    p.add_argument("--plant-layer", type=int, default=Plant.layer)
-    p.add_argument("--plant-head", type=int, default=Plant.head)
-    p.add_argument("--plant-scale", type=float, default=Plant.scale)
-    p.set_defaults(func=_cmd_demo)
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    result = run_demo(args.dir, model=args.model, questions=args.questions,
-                      n_questions=args.n_questions,
-                      plant=Plant(args.plant_layer, args.plant_head, args.plant_scale))
-    return 1 if any(o.status == "error" for o in result.outcomes) else 0

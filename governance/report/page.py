@@ -1,6 +1,6 @@
 """The per-audit report page: one self-contained HTML file a risk reviewer reads first.
 
-    from governance.report import render_report
+    from governance.report.page import render_report
     render_report(result, "out/report.html", verdict=verdict, drift=drift)
 
 Order: verdict and failed rules first, then the noise floor, behaviour, pairs, the per-head
@@ -23,148 +23,22 @@ import base64
 import html
 import json
 import math
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
-if TYPE_CHECKING:
-    from matplotlib.figure import Figure
+from governance.plots import png_bytes
+from governance.report.figures import attention_figure, head_figure, layer_figure
 
-    from governance.audit import AuditResult
+if TYPE_CHECKING:
+
+    from governance.audit.result import AuditResult
+
 
 OUTCOME_ORDER = {"fail": 0, "error": 0, "warn": 1, "missing": 1}  # anything else sorts after
 STATUS_COLOURS = {"pass": "#1a7f37", "warn": "#9a6700", "fail": "#cf222e"}
-
-
-# -- figures (matplotlib's object API: no pyplot, no global backend state) ------------------
-
-
-def new_figure(n_panels: int, *, ncols: int = 4, panel: tuple[float, float] = (3.2, 2.8)):
-    """A Figure with a grid of `n_panels` axes (unused cells hidden) and its flat axes list."""
-    from matplotlib.figure import Figure
-
-    ncols = max(1, min(ncols, n_panels))
-    nrows = math.ceil(n_panels / ncols)
-    fig = Figure(figsize=(panel[0] * ncols + 0.8, panel[1] * nrows + 0.6), layout="constrained")
-    axes = list(np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel())
-    for ax in axes[n_panels:]:
-        ax.set_visible(False)
-    return fig, axes[:n_panels]
-
-
-def heatmap_panels(
-    panels: Sequence[tuple[str, pd.DataFrame]],
-    *,
-    title: str,
-    colorbar: str,
-    symmetric: bool = True,
-    cmap: str = "RdBu_r",
-    mark_max: bool = False,
-) -> Figure:
-    """One layers x heads heatmap per panel, all on one colour scale (so panels compare).
-
-    Each frame is indexed by layer with one column per head. `symmetric` centres the scale
-    on zero (for signed scores and changes); `mark_max` outlines the cell of largest |value|.
-    """
-    from matplotlib.patches import Rectangle
-
-    values = np.concatenate([f.to_numpy(dtype=float).ravel() for _, f in panels])
-    finite = values[np.isfinite(values)]
-    vmax = float(np.abs(finite).max()) if finite.size else 1.0
-    vmax = vmax if vmax > 0 else 1.0
-    vmin = -vmax if symmetric else float(finite.min()) if finite.size else 0.0
-    fig, axes = new_figure(len(panels))
-    image = None
-    for ax, (name, frame) in zip(axes, panels, strict=True):
-        data = frame.to_numpy(dtype=float)
-        image = ax.imshow(data, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax,
-                          interpolation="nearest", origin="upper")
-        ax.set_title(name, fontsize=9)
-        ax.set_xlabel("head", fontsize=8)
-        ax.set_ylabel("layer", fontsize=8)
-        ax.set_xticks(range(len(frame.columns)), [str(c) for c in frame.columns], fontsize=7)
-        step = max(1, len(frame.index) // 10)
-        ticks = list(range(0, len(frame.index), step))
-        ax.set_yticks(ticks, [str(frame.index[i]) for i in ticks], fontsize=7)
-        if mark_max and np.isfinite(data).any():
-            r, c = np.unravel_index(np.nanargmax(np.abs(data)), data.shape)
-            ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, lw=1.8, ec="black"))
-    if image is not None:
-        fig.colorbar(image, ax=axes, shrink=0.8, label=colorbar)
-    fig.suptitle(title, fontsize=10)
-    return fig
-
-
-def head_matrix(frame: pd.DataFrame, value: str = "score") -> pd.DataFrame:
-    """Pivot a (layer, head, value) frame into layers x heads (missing cells NaN)."""
-    grid = frame.pivot_table(index="layer", columns="head", values=value, aggfunc="mean")
-    grid.index = grid.index.astype(int)
-    grid.columns = grid.columns.astype(int)
-    return grid.sort_index().sort_index(axis=1)
-
-
-def png_bytes(fig: Figure) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return buf.getvalue()
-
-
-def _head_figure(result: AuditResult) -> Figure | None:
-    heads = result.scores[result.scores["component"] == "head"]
-    if heads.empty:
-        return None
-    grouped = heads.groupby(["positions", "category", "layer", "head"], as_index=False)["score"]
-    mean = grouped.mean()
-    panels = [
-        (f"{category} (head:{positions})", head_matrix(part))
-        for (positions, category), part in mean.groupby(["positions", "category"], sort=True)
-    ]
-    return heatmap_panels(panels, title="restoration score per head (mean over a category's "
-                          "pairs)", colorbar="restoration score S")
-
-
-def style_layer_axis(ax, title: str, legend_size: int = 7) -> None:
-    """The look every per-layer panel shares: zero line, integer layers, small labels."""
-    from matplotlib.ticker import MaxNLocator
-
-    ax.axhline(0.0, color="grey", lw=0.6)
-    ax.set_title(title, fontsize=9)
-    ax.set_xlabel("layer", fontsize=8)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel("S", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.legend(fontsize=legend_size)
-
-
-def layer_figure(result: AuditResult) -> Figure | None:
-    """Per-layer S curves, one panel per component:positions, one line per category."""
-    curves = result.layer_curves()
-    if curves.empty:
-        return None
-    groups = list(curves.groupby(["component", "positions"], sort=True))
-    fig, axes = new_figure(len(groups), ncols=3, panel=(3.6, 2.6))
-    for ax, ((component, positions), part) in zip(axes, groups, strict=True):
-        for category, line in part.groupby("category", sort=True):
-            line = line.sort_values("layer")
-            ax.plot(line["layer"], line["score"], marker=".", label=category)
-        style_layer_axis(ax, f"{component}:{positions}")
-    fig.suptitle("restoration score per layer (mean over a category's pairs)", fontsize=10)
-    return fig
-
-
-def _attention_figure(result: AuditResult) -> Figure | None:
-    att = result.attention
-    if att is None or att.empty:
-        return None
-    mean = att.groupby(["category", "layer", "head"], as_index=False)["zscore"].mean()
-    panels = [(str(cat), head_matrix(part, "zscore")) for cat, part in mean.groupby("category")]
-    return heatmap_panels(panels, title="attention from the last position to the identity "
-                          "tokens: z-score across heads", colorbar="z-score")
 
 
 # -- HTML ------------------------------------------------------------------------------------
@@ -347,8 +221,8 @@ def render_report(
     stem = out.stem
 
     images: dict[str, bytes] = {}
-    for key, make in (("heads", _head_figure), ("layers", layer_figure),
-                      ("attention", _attention_figure)):
+    for key, make in (("heads", head_figure), ("layers", layer_figure),
+                      ("attention", attention_figure)):
         fig = make(result)
         if fig is not None:
             images[key] = png_bytes(fig)

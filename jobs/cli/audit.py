@@ -1,34 +1,21 @@
-"""`persona-gov`: the command line over the same spec objects the library uses.
+"""`persona-gov audit`: one audit of one model, written to a directory; no MLflow needed.
 
-Examples:
-
-    # audit a local model on 100 stratified MMLU questions, race pairs only
-    persona-gov audit --model ./SmolLM2-135M-Instruct --questions mmlu.jsonl \\
-        --categories race --out out/smollm2
-
-    # one explicit pair, a few components, on the GPU
-    persona-gov audit --model models:/my-llm@champion --questions mmlu.jsonl \\
-        --pair "a Black person" "a White person" --components mlp_out:identity head:last \\
-        --device cuda --out out/pair
-
-Exit codes: 0 success, 2 bad input (the message says what and where), 1 unexpected failure.
+    persona-gov audit --model smollm2-135m-instruct --questions mmlu --n-questions 20 \\
+        --pair "a Black person" "a White person" --out out/smollm2
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import os
-import shutil
-import sys
 from pathlib import Path
 
-from governance.errors import GovernanceError
+from governance.files import replace_dir
 
 log = logging.getLogger("governance")
 
 
-def _add_audit(sub) -> None:
+def add_cli(sub) -> None:
     p = sub.add_parser(
         "audit",
         help="run a persona-patching audit on one model and write its tables",
@@ -81,9 +68,10 @@ def _add_audit(sub) -> None:
 
 
 def _cmd_audit(args: argparse.Namespace) -> int:
-    from governance.assets import resolve
-    from governance.audit import AuditSpec, run_audit
-    from governance.models import load_model
+    from governance.audit.run import run_audit
+    from governance.audit.spec import AuditSpec, prepare
+    from governance.inputs.assets import resolve
+    from governance.models.loading import load_model
 
     spec = AuditSpec.from_yaml(args.spec) if args.spec else AuditSpec()
     spec = spec.with_overrides(
@@ -98,31 +86,17 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         alignment=args.alignment,
         attention=False if args.no_attention else None,
     )
+    inputs = prepare(spec)  # every file and name the spec gives, checked before the model loads
     log.info("loading model %s", args.model)
     loaded = load_model(resolve(args.model, "gguf"), device=args.device, dtype=args.dtype,
                         trust_remote_code=args.trust_remote_code)
-    result = run_audit(loaded, spec, chunk_rows=args.chunk_rows, progress=not args.no_progress)
-    out = _replace_dir(Path(args.out), result.save)
+    result = run_audit(loaded, spec, chunk_rows=args.chunk_rows, progress=not args.no_progress,
+                       inputs=inputs)
+    out = replace_dir(Path(args.out), result.save)
     print(summarise(result))
     print(f"\nwrote {out}/ (scores.csv, attention.csv, behaviour.csv, pairs.csv, audit.json, "
           "prompts.jsonl)")
     return 0
-
-
-def _replace_dir(out: Path, write) -> Path:
-    """Write into a sibling temp dir, then swap it in: a failed write leaves `out` intact."""
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out
 
 
 def summarise(result) -> str:
@@ -148,45 +122,3 @@ def summarise(result) -> str:
                 lines.append(f"  L{r.layer}.H{r.head:<3} {r.category:<12} score {r.score:+.3f}")
     lines.append("\n" + result.meta.get("noise_floor", ""))
     return "\n".join(lines)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="persona-gov",
-        description="Persona-patching audits of language models, for governance.",
-        epilog=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from governance import demo, drift, policy
-    from jobs import cli as jobs_cli
-
-    _add_audit(sub)
-    policy.add_cli(sub)
-    drift.add_cli(sub)
-    jobs_cli.add_nightly(sub)
-    jobs_cli.add_gate(sub)
-    jobs_cli.add_schedule(sub)
-    demo.add_cli(sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    for noisy in ("urllib3", "filelock", "httpx", "great_expectations", "alembic",
-                  "mlflow.system_metrics", "mlflow.transformers", "mlflow.store"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        return int(args.func(args) or 0)
-    except GovernanceError as exc:
-        print(f"persona-gov {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from governance.architectures import LAYOUTS, SUPPORTED_ARCHITECTURES, Anatomy, anatomy_of
 from governance.errors import ModelLoadError
+from governance.models.architectures import LAYOUTS, SUPPORTED_ARCHITECTURES, Anatomy, anatomy_of
 
 __all__ = ["LoadedModel", "load_model", "save_as_hf_dir", "weights_fingerprint"]
 

@@ -132,7 +132,7 @@ def model_dir(name: str) -> Path:
     out = cache_dir() / name / "hf"
     if (out / "config.json").exists():
         return out
-    from governance.models import load_model, save_as_hf_dir
+    from governance.models.loading import load_model, save_as_hf_dir
 
     loaded = load_model(fetch(name), device="cpu", dtype="float32")
     partial = out.with_name("hf.partial")

@@ -3,7 +3,7 @@
     client = MlflowClient("sqlite:///mlflow.db")
     run_id = start_audit_run(client, experiment_id, tags)
     log_audit(client, run_id, result, spec_text=..., policy_text=...)
-    back = load_audit(client, run_id)            # the same AuditResult, from `audit/`
+    back = load_audit(f"runs:/{run_id}", client=client)   # the same AuditResult
 
 What a run holds:
 - metrics: one per-layer curve per (component, positions, category), key
@@ -17,7 +17,7 @@ What a run holds:
 
 A run counts as a *completed audit* only when its `persona_audit.state` tag is `completed`,
 which `finish_audit_run` sets after everything else was logged. The approval record on the
-model version (`record_approval`) is written last of all.
+model version (`governance.tracking.registry.record_approval`) is written last of all.
 """
 
 from __future__ import annotations
@@ -38,7 +38,9 @@ if TYPE_CHECKING:
     from mlflow import MlflowClient
     from mlflow.entities import Run
 
-    from governance.audit import AuditResult
+    from governance.audit.result import AuditResult
+
+from governance.errors import DriftError
 
 PREFIX = "persona_audit."
 # run tags
@@ -173,8 +175,9 @@ def spec_params(result: AuditResult) -> dict[str, str]:
 
 def write_plots(result: AuditResult, out_dir: Path) -> list[Path]:
     """Per-head heatmaps (one PNG per category, one panel per positions) and the per-layer
-    curves (one PNG), drawn with governance.report's figure helpers."""
-    from governance.report import head_matrix, heatmap_panels, layer_figure
+    curves (one PNG), drawn with governance.report.page's figure helpers."""
+    from governance.plots import head_matrix, heatmap_panels
+    from governance.report.figures import layer_figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -262,7 +265,7 @@ def log_audit(
     ({artifact dir: local file or directory}). Summary metrics are linked to `model_id`."""
     from mlflow.entities import LoggedModelInput, Param
 
-    from governance.audit import AuditSpec
+    from governance.audit.spec import AuditSpec
 
     if model_id:
         client.log_inputs(run_id, models=[LoggedModelInput(model_id)])
@@ -360,43 +363,34 @@ def find_audit_run(
     return None
 
 
-def load_audit(client: MlflowClient, run_id: str, dst: str | Path | None = None) -> AuditResult:
-    """Download the run's `audit/` artifacts and load them as an AuditResult."""
-    from governance.audit import AuditResult
+def load_audit(source: str | Path, *, client: MlflowClient | None = None,
+               tracking_uri: str | None = None,
+               download_dir: str | Path | None = None) -> AuditResult:
+    """An AuditResult from an audit directory or from an MLflow run, `runs:/<run_id>[/<path>]`
+    (artifact path `audit` by default, where `log_audit` puts `AuditResult.save()`). Run
+    artifacts are downloaded through `client` (default: a client for `tracking_uri`) into
+    `download_dir` (default: a new temporary directory)."""
+    from governance.audit.result import AuditResult
 
-    target = Path(dst) if dst is not None else Path(tempfile.mkdtemp(prefix="persona-gov-audit-"))
+    source = str(source)
+    if not source.startswith("runs:/"):
+        path = Path(source)
+        if not path.is_dir():
+            raise DriftError(f"{source!r} is neither an audit directory (written by "
+                             "persona-gov audit) nor an MLflow run URI runs:/<run_id>")
+        return AuditResult.load(path)
+    run_id, _, artifact_path = source[len("runs:/"):].strip("/").partition("/")
+    if not run_id:
+        raise DriftError(f"{source!r}: expected runs:/<run_id> or runs:/<run_id>/<path>")
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    client = client or MlflowClient(tracking_uri)
+    target = Path(download_dir or tempfile.mkdtemp(prefix="persona-gov-audit-"))
     target.mkdir(parents=True, exist_ok=True)
-    local = client.download_artifacts(run_id, "audit", str(target))
+    try:
+        local = client.download_artifacts(run_id, artifact_path or "audit", str(target))
+    except (MlflowException, OSError) as exc:
+        raise DriftError(f"cannot download the audit artifacts of {source!r} "
+                         f"(artifact path {artifact_path or 'audit'!r}): {exc}") from exc
     return AuditResult.load(local)
-
-
-# -- the approval record --------------------------------------------------------------------
-
-
-def record_approval(
-    client: MlflowClient,
-    name: str,
-    version: str,
-    *,
-    status: str,
-    run_id: str,
-    spec_sha256: str,
-    policy_sha256: str,
-    summary: str,
-    completed_at: str | None = None,
-) -> None:
-    """Tag the model version with the audit outcome and append one line to its description
-    (what a person wrote there stays). Call only after the run is finished."""
-    if status not in STATUSES:
-        raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
-    completed_at = completed_at or utc_now()
-    line = one_line(summary)
-    for key, value in ((V_STATUS, status), (V_RUN, run_id), (V_SPEC, spec_sha256),
-                       (V_POLICY, policy_sha256), (V_COMPLETED, completed_at),
-                       (V_SUMMARY, line)):
-        client.set_model_version_tag(name, version, key, value[:MAX_TAG])
-    current = client.get_model_version(name, version).description or ""
-    entry = (f"[persona audit {completed_at}] {status.upper()}: {line} "
-             f"(run {run_id}, spec {spec_sha256[:12]}, policy {policy_sha256[:12]})")
-    text = f"{current.rstrip()}\n\n{entry}" if current.strip() else entry
-    client.update_model_version(name, version, description=text)

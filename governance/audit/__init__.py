@@ -1,0 +1,7 @@
+"""The audit: question set and personas -> prompts -> model runs -> tidy score tables.
+
+Modules, in the order data flows: `spec` (what to audit, and its hash), `run` (the passes
+over the model), `screen` (the optional AtP screen), `tables` and `behaviour` (numbers to
+tables), `result` (the tables and metadata, saved and loaded as one directory). `spec`,
+`result`, `tables` and `behaviour` never import torch.
+"""

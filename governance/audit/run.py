@@ -1,0 +1,261 @@
+"""The audit: question set and personas -> prompts -> model runs -> tidy score tables.
+
+    spec = AuditSpec(questions="mmlu.jsonl", n_questions=100, categories=["race"])
+    result = run_audit("path/to/model", spec)
+    result.save("out/")
+
+`AuditSpec` is frozen and serialisable: it is what MLflow records and what the spec hash
+covers (together with the persona catalogue and the question file's content). How the audit
+runs (device, dtype, batch rows) is not part of the spec.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
+from typing import Any, TypeVar
+
+import numpy as np
+import pandas as pd
+
+from governance import __version__
+from governance.audit.result import AuditResult
+from governance.audit.screen import (
+    atp_estimates,
+    screen_agreement,
+    screen_rows,
+    screen_table,
+    top_k,
+)
+from governance.audit.spec import (
+    AuditSpec,
+    Inputs,
+    involved_personas,
+    prepare,
+    spec_hash,
+)
+from governance.audit.tables import (
+    PairScores,
+    attention_frame,
+    behaviour_table,
+    empty_attention,
+    floor_statement,
+    pair_table,
+    score_table,
+)
+from governance.errors import ConfigError, PromptError
+from governance.inputs.personas import NO_PERSONA, PersonaPair
+from governance.inputs.questions import (
+    Question,
+)
+
+log = logging.getLogger(__name__)
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {
+        "persona_governance": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "pandas": pd.__version__,
+    }
+
+
+T = TypeVar("T")
+_END: Any = object()
+
+
+def _one_ahead(items: Iterable[T]) -> Iterator[T]:
+    """Yield each item once the next has been produced: the host queues question k+1 on a
+    GPU before reading question k's results back (a device sync), so the GPU never idles."""
+    it = iter(items)
+    previous = next(it, _END)
+    for item in it:
+        yield previous
+        previous = item
+    if previous is not _END:
+        yield previous
+
+
+def run_audit(
+    model: Any,
+    spec: AuditSpec,
+    *,
+    questions: list[Question] | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    chunk_rows: int | None = None,
+    progress: bool = True,
+    inputs: Inputs | None = None,
+) -> AuditResult:
+    """Run the persona-patching audit of `spec` on `model` (a LoadedModel or a source that
+    `governance.models.loading.load_model` accepts) and return its tables. `inputs` (from
+    `prepare(spec)`) skips reading the spec's files again; they are checked before the model
+    is loaded either way."""
+    from governance.inputs.prompts import PromptBuilder, PromptFormat
+    from governance.models.loading import LoadedModel, load_model
+    from governance.patching.engine import PatchingEngine, sweep
+
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    inputs = inputs or prepare(spec, questions)
+    catalogue, pairs, qs = inputs.catalogue, inputs.pairs, inputs.questions
+    questions_sha = inputs.questions_sha256
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device,
+                                                                      dtype=dtype)
+    timings["load"] = time.perf_counter() - t0
+
+    fmt = PromptFormat(
+        catalogue.instruction(spec.instruction), spec.answer_prefix, spec.alignment,
+        spec.alignment_filler,
+    )
+    builder = PromptBuilder(loaded.tokenizer, fmt)
+    option_ids = builder.option_ids()
+    try:
+        patches = sweep(loaded.anatomy, spec.sweeps, spec.layers)
+    except ValueError as exc:
+        raise ConfigError(f"spec layers: {exc}") from exc
+    answers = np.array([q.answer_index for q in qs])
+
+    # prompts first: every error about personas or alignment surfaces before any compute
+    aligned: dict[PersonaPair, list] = {}
+    skipped: list[dict[str, str]] = []
+    for pair in pairs:
+        try:
+            aligned[pair] = [builder.pair(pair.clean.phrase, pair.corrupt.phrase, q) for q in qs]
+        except PromptError as exc:
+            if spec.alignment == "refuse" and "differ in token length" in str(exc):
+                skipped.append({"pair": pair.label, "reason": str(exc)})
+                log.warning("skipping pair %s: %s", pair.label, exc)
+                continue
+            raise
+    if not aligned:
+        raise PromptError("no persona pair could be aligned; see the reasons above: "
+                          + "; ".join(s["reason"] for s in skipped))
+
+    engine = PatchingEngine(loaded.model, loaded.anatomy, chunk_rows=chunk_rows)
+    bar = _progress(len(aligned) * len(qs), "patching", progress)
+    runs: dict[PersonaPair, PairScores] = {}
+    screens: list[pd.DataFrame] = []
+    t1 = time.perf_counter()
+    for pair, prompts in aligned.items():
+        chosen = patches
+        estimate = None
+        if spec.screen == "atp":
+            estimate = atp_estimates(loaded, prompts, patches, option_ids)
+            chosen = top_k(patches, estimate, spec.exact_top_k)
+        clean, corrupt, patched = [], [], []
+        queued = (engine.run(ap.clean_ids, ap.corrupt_ids, ap.identity, chosen, option_ids)
+                  for ap in prompts)
+        for run in _one_ahead(queued):
+            clean.append(run.clean.cpu().numpy())
+            corrupt.append(run.corrupt.cpu().numpy())
+            patched.append(run.patched.cpu().numpy())
+            bar.update(1)
+        runs[pair] = PairScores(chosen, np.stack(patched, axis=1), np.stack(clean),
+                                 np.stack(corrupt))
+        if estimate is not None:
+            screens.append(screen_rows(pair, patches, estimate))
+    bar.close()
+    timings["patching"] = time.perf_counter() - t1
+
+    scores = score_table(runs, spec)
+    screen = screen_table(screens, scores)
+
+    t2 = time.perf_counter()
+    persona_logits, masses = _persona_pass(loaded, builder, pairs, catalogue, qs, spec, progress)
+    timings["behaviour_attention"] = time.perf_counter() - t2
+
+    behaviour = behaviour_table(persona_logits, answers, catalogue, pairs)
+    pairs_frame = pair_table(aligned, runs, persona_logits, answers)
+    attention = attention_frame(masses, catalogue, pairs) if masses else empty_attention()
+    timings["total"] = time.perf_counter() - t0
+
+    meta = {
+        "spec": spec.model_dump(mode="json"),
+        "spec_sha256": spec_hash(spec, catalogue, questions_sha),
+        "catalogue": catalogue.to_dict(),
+        "questions_sha256": questions_sha,
+        "question_ids": [q.id for q in qs],
+        "model": loaded.identity,
+        "option_token_ids": list(option_ids),
+        "option_tokens": [loaded.tokenizer.decode([i]) for i in option_ids],
+        "uses_chat_template": builder.uses_chat_template,
+        "n_patches_per_prompt": len(patches),
+        "skipped_pairs": skipped,
+        "versions": _versions(),
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+        "completed_at": pd.Timestamp.now(tz="UTC").isoformat(),
+        "run": {"chunk_rows": chunk_rows, "fused_layers": engine.fused is not None,
+                "compiled_kernels": engine.fused is not None and engine.fused.compiled},
+    }
+    meta["noise_floor"] = floor_statement(pairs_frame)
+    prompts = [
+        {
+            "question_id": ap.question_id,
+            "clean_persona": pair.clean.phrase,
+            "corrupt_persona": pair.corrupt.phrase,
+            "category": pair.category,
+            "clean_ids": list(ap.clean_ids),
+            "corrupt_ids": list(ap.corrupt_ids),
+            "identity_positions": list(ap.identity),
+            "padded": ap.padded,
+            "n_filler": ap.n_filler,
+            "option_ids": list(option_ids),
+            "answer_index": int(answers[i]),
+        }
+        for pair, aps in aligned.items()
+        for i, ap in enumerate(aps)
+    ]
+    if not screen.empty:
+        meta["screen_agreement"] = screen_agreement(screen)
+    return AuditResult(scores, attention, behaviour, pairs_frame, meta, prompts, screen)
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, disable=not enabled, unit="prompt", leave=False)
+
+
+def _persona_pass(loaded, builder, pairs, catalogue, qs, spec, progress):
+    """Each persona's own prompt (and the no-persona prompt) on every question: option
+    logits (question, option) and, if asked, mean identity mass (layer, head)."""
+    import torch
+
+    from governance.patching.attention import eager_attention, forward_with_attention
+    from governance.patching.sites import last_logits
+
+    personas = involved_personas(pairs, catalogue)
+    option_ids = list(builder.option_ids())
+    logits: dict[str, np.ndarray] = {}
+    masses: dict[str, np.ndarray] = {}
+    device = loaded.device
+    bar = _progress((len(personas) + 1) * len(qs), "personas", progress)
+    with eager_attention(loaded.model) if spec.attention else nullcontext():
+        for persona in [NO_PERSONA, *personas]:
+            rows, acc = [], None
+            for q in qs:
+                prompt = builder.encode(None if persona == NO_PERSONA else persona, q)
+                if spec.attention and persona != NO_PERSONA:
+                    out, mass = forward_with_attention(loaded.model, prompt.ids, prompt.identity)
+                    acc = mass if acc is None else acc + mass
+                else:
+                    with torch.inference_mode():
+                        ids = torch.tensor([list(prompt.ids)], device=device)
+                        out = last_logits(loaded.model, ids)[0].float()
+                rows.append(out[option_ids].cpu().numpy())
+                bar.update(1)
+            logits[persona] = np.stack(rows)
+            if acc is not None:
+                masses[persona] = acc / len(qs)
+    bar.close()
+    return logits, masses
