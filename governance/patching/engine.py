@@ -4,14 +4,18 @@ One generic sweep over `Patch(component, layer, positions, head)`: the clean run
 activations are captured once, then each patch becomes one row of a batched forward of the
 corrupted prompt, in which that row's site tensor takes the clean values at the patch's
 positions (and head). Only the option-letter logits at the last position are kept.
+
+Shapes in comments: `pos` is the prompt's length, `rows` the rows of one batched forward,
+`n_logits` the logits kept per row (the option tokens', or the whole vocabulary's).
 """
 
 from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -21,6 +25,7 @@ from governance.models.architectures import Anatomy
 from governance.names import COMPONENTS, POSITIONS
 from governance.patching.fused import FusedDecoder, unfusable_reason
 from governance.patching.sites import (
+    Edit,
     Site,
     capture,
     capturing,
@@ -49,6 +54,7 @@ class Patch:
 
     @property
     def site(self) -> Site:
+        """The (component, layer) whose tensor this patch edits (all heads share one site)."""
         return Site(self.component, self.layer)
 
 
@@ -71,6 +77,8 @@ def sweep(
 
 
 def position_mask(positions: str, length: int, identity: Sequence[int]) -> torch.Tensor:
+    """The positions a patch of kind `positions` replaces, (length,) bool on the host:
+    every one, the last, or the persona's `identity` positions."""
     mask = torch.zeros(length, dtype=torch.bool)
     if positions == "all":
         mask[:] = True
@@ -95,13 +103,17 @@ class PairRun:
     patched: torch.Tensor  # (n_patches, ...)
 
 
-def _row_edit(rows: torch.Tensor, mask: torch.Tensor, clean: torch.Tensor, inplace: bool = False):
-    """Edit for rows `rows` of the batch: where `mask` (rows, pos[, head]) take `clean`.
-    In place for the fused path, which owns its tensors; on a copy inside hooks."""
+def _row_edit(rows: torch.Tensor, mask: torch.Tensor, clean: torch.Tensor,
+              inplace: bool = False) -> Edit:
+    """An edit of the batch's rows `rows` (n,): where `mask` (n, pos) is set, the rows take
+    `clean` (pos, d_model); for heads, mask (n, pos, head) and clean (pos, head, d_head).
+    The edit takes and returns the site tensor (batch, pos, d_model) or
+    (batch, pos, head, d_head). In place for the fused path, which owns its tensors; on a
+    copy inside hooks, whose tensors the model may still use."""
 
     def edit(x: torch.Tensor) -> torch.Tensor:
-        sub = x[rows]
-        m = mask.view(*mask.shape, *([1] * (sub.dim() - mask.dim())))
+        sub = x[rows]  # (n, pos, d_model) or (n, pos, head, d_head)
+        m = mask.view(*mask.shape, *([1] * (sub.dim() - mask.dim())))  # broadcast over features
         if not inplace:
             x = x.clone()
         x[rows] = torch.where(m, clean.unsqueeze(0).to(sub.dtype), sub)
@@ -116,19 +128,23 @@ class _LayerInputs:
     arguments (rotary embeddings, masks), so a patched run can resume at any layer."""
 
     hidden: list[torch.Tensor]  # per layer (1, pos, d_model)
-    args: list[tuple]
-    kwargs: list[dict]
+    args: list[tuple[Any, ...]]  # per layer: positional arguments after the hidden states
+    kwargs: list[dict[str, Any]]  # per layer: keyword arguments, no KV cache
 
 
 # the residual stream is replayed separately, and the recording run's KV cache must not be
 _NOT_REPLAYED = ("hidden_states", "use_cache")
 
 
-def _record_layer_inputs(model: nn.Module, anatomy: Anatomy, ids: torch.Tensor):
+def _record_layer_inputs(model: nn.Module, anatomy: Anatomy,
+                         ids: torch.Tensor) -> tuple[_LayerInputs, torch.Tensor]:
+    """One forward of `ids` (1, pos) through the model's own layers, recording each layer's
+    inputs (`_LayerInputs`) for resumed rows; returns them and the last position's logits
+    (1, vocab)."""
     inputs = _LayerInputs([], [], [])
 
-    def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]  # (1, pos, d_model)
         inputs.hidden.append(hidden.detach())
         inputs.args.append(tuple(None if isinstance(a, Cache) else a for a in args[1:]))
         inputs.kwargs.append({k: v for k, v in kwargs.items()
@@ -142,6 +158,43 @@ def _record_layer_inputs(model: nn.Module, anatomy: Anatomy, ids: torch.Tensor):
         for h in handles:
             h.remove()
     return inputs, logits
+
+
+@dataclass(frozen=True)
+class _Question:
+    """One question's state in `PatchingEngine.run`: built once from the clean and corrupted
+    runs, then read by every chunk of patched rows."""
+
+    patches: Sequence[Patch]
+    # the clean run's tensor per site: (1, pos, d_model); heads (1, pos, head, d_head)
+    acts: dict[Site, torch.Tensor]
+    # the corrupted run's layer inputs; None without resume (rows are full forwards)
+    inputs: _LayerInputs | None
+    masks: dict[str, torch.Tensor]  # per positions kind: (pos,) bool, on the host
+    # per patch: the first position its row computes on the fused path (`patch_begin`);
+    # None on the hooked path
+    begins: list[int] | None
+    corrupt: torch.Tensor  # (1, pos) token ids
+    options: torch.Tensor | None  # (n_options,) token ids; None keeps the whole vocabulary
+    n_logits: int  # logits kept per row: n_options, or the vocabulary's size
+
+    @property
+    def length(self) -> int:
+        """The prompts' length in tokens."""
+        return self.corrupt.shape[1]
+
+    def empty_patched(self) -> torch.Tensor:
+        """The tensor the rows' logits are copied into, (n_patches, n_logits) fp32, unset."""
+        return torch.empty(len(self.patches), self.n_logits, device=self.corrupt.device)
+
+
+class _Recording(NamedTuple):
+    """What the clean and corrupted runs leave for the patched rows."""
+
+    acts: dict[Site, torch.Tensor]  # clean run per site, as in `_Question.acts`
+    inputs: _LayerInputs | None  # corrupted run's layer inputs; None without resume
+    clean_logits: torch.Tensor  # (1, vocab) at the last position
+    corrupt_logits: torch.Tensor  # (1, vocab) at the last position
 
 
 class PatchingEngine:
@@ -202,6 +255,7 @@ class PatchingEngine:
 
     @property
     def device(self) -> torch.device:
+        """Where the model's parameters are, and so the engine's tensors."""
         return next(self.model.parameters()).device
 
     @torch.inference_mode()
@@ -221,125 +275,163 @@ class PatchingEngine:
             )
         dev = self.device
         options = None if option_ids is None else to_device(list(option_ids), dev)
-        clean = to_device([list(clean_ids)], dev)
-        corrupt = to_device([list(corrupt_ids)], dev)
-        length = len(clean_ids)
-        masks = position_masks(length, identity)
-        sites = sorted({p.site for p in patches})
-        if self.fused is not None:
-            self.fused.refresh()
-            acts, inputs, clean_logits, corrupt_logits = self._record_fused(clean, corrupt, sites)
-        else:
-            acts, clean_logits = capture(self.model, self.anatomy, sites, clean)
-            if self.resume:
-                inputs, corrupt_logits = _record_layer_inputs(self.model, self.anatomy, corrupt)
-            else:
-                inputs, corrupt_logits = None, last_logits(self.model, corrupt)
-
-        patched = torch.empty(len(patches), _pick(corrupt_logits[0], options).shape[-1],
-                              device=dev)
-        chunk_rows = self.rows_per_forward(length)
+        clean = to_device([list(clean_ids)], dev)  # (1, pos)
+        corrupt = to_device([list(corrupt_ids)], dev)  # (1, pos)
+        masks = position_masks(len(clean_ids), identity)
+        acts, inputs, clean_logits, corrupt_logits = self._record(
+            clean, corrupt, sorted({p.site for p in patches}))
+        begins = None
         if self.fused is not None:
             begin = (patch_begins(masks, clean_ids, corrupt_ids) if self.prefix
                      else dict.fromkeys(POSITIONS, 0))
             begins = [begin[p.positions] for p in patches]
-            self._run_fused(patches, begins, acts, inputs, masks, options, chunk_rows, patched)
+        corrupt_kept = _pick(corrupt_logits[0], options)  # (n_logits,)
+        question = _Question(patches=patches, acts=acts, inputs=inputs, masks=masks,
+                             begins=begins, corrupt=corrupt, options=options,
+                             n_logits=corrupt_kept.shape[-1])
+        if self.fused is not None:
+            patched = self._run_fused(question)
         else:
-            self._run_hooked(patches, acts, inputs, masks, corrupt, options, chunk_rows, patched)
-        return PairRun(_pick(clean_logits[0], options), _pick(corrupt_logits[0], options),
-                       patched)
+            patched = self._run_hooked(question)
+        return PairRun(_pick(clean_logits[0], options), corrupt_kept, patched)
 
-    def _record_fused(self, clean: torch.Tensor, corrupt: torch.Tensor, sites: list[Site]):
-        """The clean run's site activations and the corrupted run's layer inputs, from one
-        two-row forward through the fused layers; the model's own forwards where a sliding
-        window shorter than the prompt needs its mask."""
-        kwargs = self.fused.layer_kwargs(clean.shape[1])
-        if kwargs is None:
-            acts, clean_logits = capture(self.model, self.anatomy, sites, clean)
+    def _record(self, clean: torch.Tensor, corrupt: torch.Tensor,
+                sites: list[Site]) -> _Recording:
+        """The clean run of `clean` (1, pos), recording `sites`, and the corrupted run of
+        `corrupt` (1, pos), recording the layer inputs resumed rows start from: through the
+        fused layers where they run the prompt, else through the model's own forwards (the
+        hooked path, or a sliding window shorter than the prompt, which needs its mask)."""
+        if self.fused is not None:
+            self.fused.refresh()
+            kwargs = self.fused.layer_kwargs(clean.shape[1])
+            if kwargs is not None:
+                return self._record_fused(clean, corrupt, sites, kwargs)
+        acts, clean_logits = capture(self.model, self.anatomy, sites, clean)
+        if self.resume:
             inputs, corrupt_logits = _record_layer_inputs(self.model, self.anatomy, corrupt)
-            return acts, inputs, clean_logits, corrupt_logits
+            return _Recording(acts, inputs, clean_logits, corrupt_logits)
+        return _Recording(acts, None, clean_logits, last_logits(self.model, corrupt))
+
+    def _record_fused(self, clean: torch.Tensor, corrupt: torch.Tensor, sites: list[Site],
+                      layer_kwargs: dict[str, Any]) -> _Recording:
+        """`_record` from one two-row forward through the fused layers, which every layer
+        gets `layer_kwargs` (`FusedDecoder.layer_kwargs`)."""
+        assert self.fused is not None
         acts: dict[Site, torch.Tensor] = {}
-        record = {site: capturing(acts, site, slice(0, 1)) for site in sites}
-        x = self.fused.embed(torch.cat((clean, corrupt)))
+        record = {site: capturing(acts, site, slice(0, 1)) for site in sites}  # the clean row
+        x = self.fused.embed(torch.cat((clean, corrupt)))  # (2, pos, d_model): clean, corrupt
         n = self.anatomy.n_layers
         hidden = []
         for i in range(n):
-            hidden.append(x[1:].clone())
-            self.fused.layer(i, x, kwargs, record)
-        logits = self.anatomy.unembed(x[:, -1])
-        return acts, _LayerInputs(hidden, [()] * n, [kwargs] * n), logits[:1], logits[1:]
+            hidden.append(x[1:].clone())  # (1, pos, d_model)
+            self.fused.layer(i, x, layer_kwargs, record)
+        logits = self.anatomy.unembed(x[:, -1])  # (2, vocab)
+        inputs = _LayerInputs(hidden, [()] * n, [layer_kwargs] * n)
+        return _Recording(acts, inputs, logits[:1], logits[1:])
 
-    def _run_fused(self, patches, begins, acts, inputs, masks, options, chunk_rows, patched):
-        """Rows through the fused layers, in chunks of one begin position (`patch_begin`),
-        each in layer order."""
-        final = self.anatomy.n_layers - 1
+    def _run_fused(self, q: _Question) -> torch.Tensor:
+        """Every patch's row through the fused layers; returns their logits
+        (n_patches, n_logits). Rows of one begin position (`patch_begin`) run together in
+        chunks, each in layer order, on the positions from that begin on."""
+        assert q.begins is not None, "the fused path needs each patch's begin"
+        begins, patches = q.begins, q.patches
+        out = q.empty_patched()  # (n_patches, n_logits)
+        chunk_rows = self.rows_per_forward(q.length)
         order = sorted(range(len(patches)), key=lambda i: (begins[i], patches[i].layer))
         groups: dict[int, list[int]] = defaultdict(list)
         for i in order:
             groups[begins[i]].append(i)
+        # the corrupted run's queries, keys and values before a begin, per (layer, begin)
         prefixes: dict[tuple[int, int], tuple[torch.Tensor, ...]] = {}
         for begin, members in groups.items():
-            at_begin = {k: m[begin:] for k, m in masks.items()}
             for chunk in _chunks(members, chunk_rows):
-                rows = list(enumerate(patches[i] for i in chunk))
-                edits = self._edits(rows, acts, at_begin, slice(begin, None), inplace=True)
-                # the final layer computes only the last position after its keys and values:
-                # its edits past resid_pre see that position alone
-                at_end = [(r, p) for r, p in rows
-                          if p.layer == final and p.component != "resid_pre"]
-                edits.update(self._edits(at_end, acts, {k: m[-1:] for k, m in masks.items()},
-                                         slice(-1, None), inplace=True))
-                out = self._resume_fused(inputs, [patches[i].layer for i in chunk], begin,
-                                         edits, options, prefixes)
-                patched.index_copy_(0, to_device(chunk, patched.device), out)
+                logits = self._fused_rows(q, chunk, begin, prefixes)  # (rows, n_logits)
+                out.index_copy_(0, to_device(chunk, out.device), logits)
+        return out
 
-    def _run_hooked(self, patches, acts, inputs, masks, corrupt, options, chunk_rows, patched):
-        """Rows through the model's own layers with hooks: resumed at their layer (or full
-        forwards), last-position patches over the corrupted run's KV cache."""
-        dev = patched.device
-        length = corrupt.shape[1]
-        last = [i for i, p in enumerate(patches) if self.prefix and p.positions == "last"]
-        rest = [i for i, p in enumerate(patches) if not (self.prefix and p.positions == "last")]
-        rest.sort(key=lambda i: patches[i].layer)  # `_resume` needs rows in layer order
+    def _fused_rows(self, q: _Question, chunk: list[int], begin: int,
+                    prefixes: dict[tuple[int, int], tuple[torch.Tensor, ...]]) -> torch.Tensor:
+        """Logits (rows, n_logits) of the patches `chunk` (one begin, in layer order), each
+        row resumed at its patch's layer on positions `begin`.. ."""
+        assert q.inputs is not None, "the fused path resumes rows at their layer"
+        rows = list(enumerate(q.patches[i] for i in chunk))
+        at_begin = {k: m[begin:] for k, m in q.masks.items()}  # (pos - begin,) each
+        edits = self._edits(rows, q.acts, at_begin, slice(begin, None), inplace=True)
+        # the final layer computes only the last position after its keys and values:
+        # its edits past resid_pre see that position alone
+        final = self.anatomy.n_layers - 1
+        at_end = [(r, p) for r, p in rows if p.layer == final and p.component != "resid_pre"]
+        edits.update(self._edits(at_end, q.acts, {k: m[-1:] for k, m in q.masks.items()},
+                                 slice(-1, None), inplace=True))
+        starts = [q.patches[i].layer for i in chunk]
+        return self._resume_fused(q.inputs, starts, begin, edits, q.options, prefixes)
+
+    def _run_hooked(self, q: _Question) -> torch.Tensor:
+        """Every patch's row through the model's own layers with hooks; returns their logits
+        (n_patches, n_logits). Rows resume at their layer (or run full forwards, without
+        resume); with prefix, last-position patches run the last token alone over the
+        corrupted run's KV cache."""
+        out = q.empty_patched()  # (n_patches, n_logits)
+        chunk_rows = self.rows_per_forward(q.length)
+        at_last = [i for i, p in enumerate(q.patches) if self.prefix and p.positions == "last"]
+        rest = [i for i, p in enumerate(q.patches)
+                if not (self.prefix and p.positions == "last")]
+        rest.sort(key=lambda i: q.patches[i].layer)  # `_resume` needs rows in layer order
         for chunk in _chunks(rest, chunk_rows):
-            edits = self._edits(list(enumerate(patches[i] for i in chunk)), acts, masks,
-                                slice(None))
-            if inputs is None:
-                ids = corrupt.expand(len(chunk), length)
-                with hooked(self.model, self.anatomy, edits):
-                    out = _pick(last_logits(self.model, ids), options)
-            else:
-                out = self._resume(inputs, [patches[i].layer for i in chunk], edits, options)
-            patched.index_copy_(0, to_device(chunk, dev), out)
-        if last:
-            prefix = self.model(input_ids=corrupt[:, :-1], use_cache=True).cache
-            one = {"last": torch.ones(1, dtype=torch.bool)}
-            for chunk in _chunks(last, chunk_rows):
-                edits = self._edits(list(enumerate(patches[i] for i in chunk)), acts, one,
-                                    slice(-1, None))
-                cache = copy.deepcopy(prefix)
-                cache.batch_repeat_interleave(len(chunk))
-                ids = corrupt[:, -1:].expand(len(chunk), 1)
-                with hooked(self.model, self.anatomy, edits):
-                    out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
-                patched.index_copy_(0, to_device(chunk, dev), _pick(out.logits[:, -1], options))
+            logits = self._hooked_rows(q, chunk)  # (rows, n_logits)
+            out.index_copy_(0, to_device(chunk, out.device), logits)
+        if at_last:
+            before_last = self.model(input_ids=q.corrupt[:, :-1], use_cache=True).cache
+            for chunk in _chunks(at_last, chunk_rows):
+                logits = self._hooked_last(q, chunk, before_last)  # (rows, n_logits)
+                out.index_copy_(0, to_device(chunk, out.device), logits)
+        return out
 
-    def _edits(self, rows: list[tuple[int, Patch]], acts, masks, positions: slice,
-               inplace: bool = False):
+    def _hooked_rows(self, q: _Question, chunk: list[int]) -> torch.Tensor:
+        """Logits (rows, n_logits) of the patches `chunk` (in layer order) on the model's own
+        layers: each row resumed at its patch's layer, or a full forward without resume."""
+        rows = list(enumerate(q.patches[i] for i in chunk))
+        edits = self._edits(rows, q.acts, q.masks, slice(None))
+        if q.inputs is None:
+            ids = q.corrupt.expand(len(chunk), q.length)  # (rows, pos)
+            with hooked(self.model, self.anatomy, edits):
+                return _pick(last_logits(self.model, ids), q.options)
+        return self._resume(q.inputs, [q.patches[i].layer for i in chunk], edits, q.options)
+
+    def _hooked_last(self, q: _Question, chunk: list[int], before_last: Cache) -> torch.Tensor:
+        """Logits (rows, n_logits) of the last-position patches `chunk`: the last token
+        alone, on a copy of `before_last`, the corrupted run's KV cache of the positions
+        before it."""
+        one = {"last": torch.ones(1, dtype=torch.bool)}  # (1,): the one position computed
+        edits = self._edits(list(enumerate(q.patches[i] for i in chunk)), q.acts, one,
+                            slice(-1, None))
+        cache = copy.deepcopy(before_last)
+        cache.batch_repeat_interleave(len(chunk))
+        ids = q.corrupt[:, -1:].expand(len(chunk), 1)  # (rows, 1)
+        with hooked(self.model, self.anatomy, edits):
+            out = self.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+        return _pick(out.logits[:, -1], q.options)
+
+    def _edits(self, rows: list[tuple[int, Patch]], acts: dict[Site, torch.Tensor],
+               masks: dict[str, torch.Tensor], positions: slice,
+               inplace: bool = False) -> dict[Site, Edit]:
         """One edit per site, each replacing its rows' masked positions by clean values;
-        `rows` pairs each patch with its row in the batch."""
+        `rows` pairs each patch with its row in the batch, `masks` (pos',) bool per
+        positions kind covers the positions the batch computes, `positions` selects them
+        from the clean activations `acts` (1, pos, ...)."""
         dev = self.device
         by_site: dict[Site, list[tuple[int, Patch]]] = defaultdict(list)
         for row, patch in rows:
             by_site[patch.site].append((row, patch))
-        edits = {}
+        edits: dict[Site, Edit] = {}
         for site, members in by_site.items():
-            index = to_device([r for r, _ in members], dev)
-            mask = torch.stack([masks[p.positions] for _, p in members])  # (rows, pos)
+            index = to_device([r for r, _ in members], dev)  # (n,)
+            mask = torch.stack([masks[p.positions] for _, p in members])  # (n, pos')
             if site.component == "head":
                 heads = torch.zeros(len(members), self.anatomy.n_heads, dtype=torch.bool)
                 heads[torch.arange(len(members)), [p.head for _, p in members]] = True
-                mask = mask[:, :, None] & heads[:, None, :]
+                mask = mask[:, :, None] & heads[:, None, :]  # (n, pos', head)
+            # clean: (pos', d_model), heads (pos', head, d_head)
             edits[site] = _row_edit(index, to_device(mask, dev), acts[site][0][positions],
                                     inplace)
         return edits
@@ -364,31 +456,34 @@ class PatchingEngine:
         return rows_for_memory(self.anatomy, ff, length, element, self._memory_budget,
                                hooked=self.fused is None)
 
-    def _resume(self, inputs: _LayerInputs, starts: list[int], edits, options):
-        """Run rows from their own layer on through the model's layers with hooks: row r
-        joins the batch at layer starts[r] (ascending) with the corrupted residual stream
-        entering that layer, so every row costs exactly the layers at and after its patch.
-        The rows live in one preallocated residual stream; active rows are always a prefix
-        of it (rows come in layer order)."""
-        stream = _stream(inputs, starts, 0)
+    def _resume(self, inputs: _LayerInputs, starts: list[int], edits: dict[Site, Edit],
+                options: torch.Tensor | None) -> torch.Tensor:
+        """Logits (rows, n_logits), fp32, of rows run from their own layer on through the
+        model's layers with hooks: row r joins the batch at layer starts[r] (ascending) with
+        the corrupted residual stream entering that layer, so every row costs exactly the
+        layers at and after its patch. The rows live in one preallocated residual stream;
+        active rows are always a prefix of it (rows come in layer order)."""
+        stream = _stream(inputs, starts, 0)  # (rows, pos, d_model)
         active = 0
         with hooked(self.model, self.anatomy, edits):
             for i in range(starts[0], self.anatomy.n_layers):
                 active = _join(stream, active, inputs.hidden[i], starts.count(i))
-                x = stream[:active]
+                x = stream[:active]  # (active, pos, d_model)
                 out = self.anatomy.layer(i)(x, *inputs.args[i], **inputs.kwargs[i])
                 x.copy_(out if isinstance(out, torch.Tensor) else out[0])
         return self.anatomy.unembed(stream[:, -1], options).float()
 
-    def _resume_fused(self, inputs: _LayerInputs, starts: list[int], begin: int, edits,
-                      options, prefixes: dict):
+    def _resume_fused(self, inputs: _LayerInputs, starts: list[int], begin: int,
+                      edits: dict[Site, Edit], options: torch.Tensor | None,
+                      prefixes: dict[tuple[int, int], tuple[torch.Tensor, ...]]) -> torch.Tensor:
         """`_resume` through the fused layers, on positions `begin`.. only: each layer
         updates the active rows in place, with the corrupted run's queries, keys and values
-        before `begin` in front (computed once per layer and begin, kept in `prefixes`); the final
-        layer computes keys and values at every position but the rest only at the last, the
-        one position the logits read."""
+        before `begin` in front (computed once per layer and begin, kept in `prefixes`); the
+        final layer computes keys and values at every position but the rest only at the
+        last, the one position the logits read."""
         fused, final = self.fused, self.anatomy.n_layers - 1
-        stream = _stream(inputs, starts, begin)
+        assert fused is not None
+        stream = _stream(inputs, starts, begin)  # (rows, pos - begin, d_model)
         active = 0
         for i in range(starts[0], final + 1):
             active = _join(stream, active, inputs.hidden[i][:, begin:], starts.count(i))
@@ -397,20 +492,23 @@ class PatchingEngine:
                 if (i, begin) not in prefixes:
                     prefixes[i, begin] = fused.prefix_qkv(i, inputs.hidden[i][:, :begin],
                                                          inputs.kwargs[i])
-                prefix = prefixes[i, begin]
+                prefix = prefixes[i, begin]  # (1, begin, heads, d_head) each
             fused.layer(i, stream[:active], inputs.kwargs[i], edits, last_only=i == final,
                         prefix=prefix)
         return self.anatomy.unembed(stream[:, -1], options).float()
 
 
 def _stream(inputs: _LayerInputs, starts: list[int], begin: int) -> torch.Tensor:
-    first = inputs.hidden[starts[0]]
+    """An unset residual stream (rows, pos - begin, d_model) for one row per start, in the
+    recorded stream's dtype and device."""
+    first = inputs.hidden[starts[0]]  # (1, pos, d_model)
     return torch.empty(len(starts), first.shape[1] - begin, first.shape[2], dtype=first.dtype,
                        device=first.device)
 
 
 def _join(stream: torch.Tensor, active: int, hidden: torch.Tensor, joining: int) -> int:
-    """Rows joining at this layer start from the corrupted stream `hidden`; returns the new
+    """Rows joining at this layer start from the corrupted stream `hidden` (1, pos', d_model),
+    written after the `active` rows of `stream` (rows, pos', d_model); returns the new
     number of active rows."""
     if joining:
         stream[active : active + joining] = hidden
@@ -418,7 +516,8 @@ def _join(stream: torch.Tensor, active: int, hidden: torch.Tensor, joining: int)
 
 
 def _pick(logits: torch.Tensor, options: torch.Tensor | None) -> torch.Tensor:
-    """The option tokens' logits (all if None), in fp32."""
+    """The option tokens' logits (..., n_options) of `logits` (..., vocab), all if None,
+    in fp32."""
     return (logits if options is None else logits[..., options]).float()
 
 
@@ -436,10 +535,10 @@ def first_difference(clean_ids: Sequence[int], corrupt_ids: Sequence[int]) -> in
 
 
 def patch_begin(mask: torch.Tensor, first_difference: int) -> int:
-    """The first position a patch with this position `mask` can change: the first patched
-    position at or after the prompts' first difference (before it, clean and corrupted
-    activations are equal, so patching them changes nothing). The last position where the
-    patch changes nothing at all: the logits must still be computed there."""
+    """The first position a patch with this position `mask` (pos,) can change: the first
+    patched position at or after the prompts' first difference (before it, clean and
+    corrupted activations are equal, so patching them changes nothing). The last position
+    where the patch changes nothing at all: the logits must still be computed there."""
     changed = mask[first_difference:].nonzero()
     last = len(mask) - 1
     return last if len(changed) == 0 else min(first_difference + int(changed[0]), last)
@@ -458,7 +557,7 @@ def rows_for_memory(anatomy: Anatomy, d_ff: int, length: int, element_size: int,
     return max(1, min(most, budget // max(per_row, 1)))
 
 
-def to_device(data, device: torch.device) -> torch.Tensor:
+def to_device(data: torch.Tensor | Sequence[Any], device: torch.device) -> torch.Tensor:
     """A small host tensor (or nested list) on `device` without a device sync: pinned and
     copied asynchronously on CUDA, so the host can queue the next work while the GPU runs."""
     t = data if isinstance(data, torch.Tensor) else torch.tensor(data)
@@ -467,6 +566,7 @@ def to_device(data, device: torch.device) -> torch.Tensor:
     return t.pin_memory().to(device, non_blocking=True)
 
 
-def _chunks(items: list[int], size: int) -> Iterable[list[int]]:
+def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
+    """`items` in consecutive pieces of at most `size`."""
     for start in range(0, len(items), size):
         yield items[start : start + size]
