@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from governance.models.architectures import Anatomy, anatomy_of
 from governance.audit.spec import DEFAULT_COMPONENTS
+from governance.models.architectures import Anatomy, anatomy_of
 from governance.patching.attribution import agreement, atp_screen, screen_scores
 from governance.patching.engine import (
     Patch,
@@ -95,12 +95,12 @@ def load(args) -> tuple[torch.nn.Module, Anatomy, list[Prompt], list[int]]:
         return model, anatomy_of(model), prompts, [o % config.vocab_size
                                                    for o in (330, 389, 340, 422)]
     from governance.inputs.assets import resolve
-    from governance.models.loading import load_model
     from governance.inputs.personas import load_catalogue
     from governance.inputs.prompts import PromptBuilder, PromptFormat
     from governance.inputs.questions import load_questions, sample_questions
+    from governance.models.loading import load_model, resolve_model
 
-    loaded = load_model(resolve(args.model, "gguf"), device=args.device, dtype=args.dtype)
+    loaded = load_model(resolve_model(args.model), device=args.device, dtype=args.dtype)
     builder = PromptBuilder(loaded.tokenizer, PromptFormat(load_catalogue().instruction()))
     questions = sample_questions(load_questions(resolve("mmlu", "questions")), 200, 0)
     questions = sorted(questions, key=lambda q: len(q.question) + sum(map(len, q.options)))

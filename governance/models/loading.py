@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -350,3 +351,35 @@ def _identity(model: nn.Module, anatomy: Anatomy, source: str, kind: str) -> dic
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
     }
+
+
+# -- pinned model assets --------------------------------------------------------------------
+
+
+def pinned_model_dir(name: str) -> Path:
+    """A safetensors directory converted once from the asset's GGUF (loads in under a second)."""
+    from governance.inputs.assets import ASSETS, AssetError, cache_dir, fetch
+
+    asset = ASSETS.get(name)
+    if asset is None or asset.kind != "gguf":
+        raise AssetError(f"{name!r} is not a model asset")
+    out = cache_dir() / name / "hf"
+    if (out / "config.json").exists():
+        return out
+    loaded = load_model(fetch(name), device="cpu", dtype="float32")
+    partial = out.with_name("hf.partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    save_as_hf_dir(loaded.model, loaded.tokenizer, partial)
+    partial.rename(out)
+    return out
+
+
+def resolve_model(source: str) -> str:
+    """A pinned model asset's name (e.g. `smollm2-135m-instruct`) to its converted local
+    directory; any other source (a directory, a .gguf file, an MLflow URI) unchanged."""
+    from governance.inputs.assets import ASSETS
+
+    asset = ASSETS.get(source)
+    if asset is None or asset.kind != "gguf":
+        return source
+    return str(pinned_model_dir(source))

@@ -71,7 +71,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from governance.audit.run import run_audit
     from governance.audit.spec import AuditSpec, prepare
     from governance.inputs.assets import resolve
-    from governance.models.loading import load_model
+    from governance.models.loading import load_model, resolve_model
 
     spec = AuditSpec.from_yaml(args.spec) if args.spec else AuditSpec()
     spec = spec.with_overrides(
@@ -88,7 +88,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     )
     inputs = prepare(spec)  # every file and name the spec gives, checked before the model loads
     log.info("loading model %s", args.model)
-    loaded = load_model(resolve(args.model, "gguf"), device=args.device, dtype=args.dtype,
+    loaded = load_model(resolve_model(args.model), device=args.device, dtype=args.dtype,
                         trust_remote_code=args.trust_remote_code)
     result = run_audit(loaded, spec, chunk_rows=args.chunk_rows, progress=not args.no_progress,
                        inputs=inputs)
