@@ -56,7 +56,7 @@ SHAPES = {
                        num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                        vocab_size=128256, max_position_embeddings=4096, rope_theta=500000.0),
 }
-DEFAULT_SWEEPS = DEFAULT_COMPONENTS  # the audit's default: method.md's table
+DEFAULT_SWEEPS = DEFAULT_COMPONENTS  # the audit's default: docs/method.md's table
 
 
 @dataclass

@@ -4,10 +4,11 @@
     persona-gov gate --model my-llm --alias champion
     persona-gov schedule --config jobs/nightly.example.yaml --cron "0 2 * * *"
 
-Modules, top to bottom: `config` (the YAML config and env overrides), `lease` (a database
-row per version so two processes never audit the same version), `discovery` (which model
-versions to audit), `verdict` (the interface to the policy, drift and report modules),
-`nightly` (one pass), `gate`, `scheduler`, and `cli` (argparse registration). All MLflow
-I/O for audit runs goes through `governance.tracking.runs`. Importing this package loads nothing
-heavy.
+The application layer over the `governance` library. Modules: `config` (the YAML config
+and env overrides), `spec` (the audit spec the nightly runs), `connection` (reaching MLflow),
+`lease` (a database row per version so two processes never audit the same version),
+`discovery` (which model versions to audit), `baseline` (what a version is compared with),
+`verdict` (policy, drift and report for one audit), `nightly` (one pass), `gate`,
+`scheduler`, `demo`, and `cli` (the `persona-gov` command line). All MLflow I/O for audit
+runs goes through `governance.tracking`. Importing this package loads nothing heavy.
 """

@@ -4,6 +4,7 @@ question set when the config names none, and the hash that identifies comparable
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,11 @@ if TYPE_CHECKING:
 
 
 # -- the spec -------------------------------------------------------------------------------
+
+
+log = logging.getLogger(__name__)
+
+DEFAULT_QUESTIONS = "mmlu"  # the pinned MMLU asset: 14,042 test questions, 57 subjects
 
 
 def load_spec(config: NightlyConfig) -> tuple[AuditSpec, str | None, str]:
@@ -45,7 +51,7 @@ def load_spec(config: NightlyConfig) -> tuple[AuditSpec, str | None, str]:
     else:
         spec, text = AuditSpec(), None
     if not spec.questions:
-        raise ConfigError(f"{where}: `spec` must give a `questions` file (or the pinned asset "
-                          "'mmlu'), in a spec YAML file or inline")
+        log.info("%s names no question set: using the pinned MMLU sample (asset 'mmlu')", where)
+        spec = spec.with_overrides(questions=DEFAULT_QUESTIONS)
     questions = resolve(spec.questions, "questions")
     return spec, text, spec_hash(spec, load_catalogue(spec.personas), file_sha256(questions))

@@ -1,4 +1,4 @@
-"""Behaviour: what personas do to the answers (method.md, "Behaviour").
+"""Behaviour: what personas do to the answers (docs/method.md, "Behaviour").
 
 Accuracy per persona with a Wilson 95% interval, deltas against the no-persona and neutral
 baselines, flip rate of the argmax answer and mean total-variation distance between two

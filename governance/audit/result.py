@@ -91,6 +91,15 @@ class AuditResult:
     def spec(self) -> AuditSpec:
         return AuditSpec.model_validate(self.meta["spec"])
 
+    def identity(self) -> dict[str, Any]:
+        """What identifies this audit when two are compared: the model source and weights
+        fingerprint, the spec hash and when it completed."""
+        model = self.meta.get("model") or {}
+        return {"model": model.get("source"),
+                "weights_fingerprint": model.get("weights_fingerprint"),
+                "spec_sha256": self.meta.get("spec_sha256"),
+                "completed_at": self.meta.get("completed_at")}
+
     def layer_curves(self) -> pd.DataFrame:
         """Per-layer scores averaged over a category's pairs: (component, positions, category,
         layer) -> score. Heads are averaged into their layer."""

@@ -27,7 +27,7 @@ from governance.inputs.questions import (
 )
 from governance.names import COMPONENTS, POSITIONS
 
-# method.md's table of components and the positions each is patched at
+# docs/method.md's table of components and the positions each is patched at
 DEFAULT_COMPONENTS = (
     "resid_pre:identity",
     "mlp_out:identity",

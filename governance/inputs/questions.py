@@ -1,6 +1,6 @@
 """Objective multiple-choice question sets: loading, validation and stratified sampling.
 
-Three layouts are read (method.md): the Hugging Face `cais/mmlu` layout (question, subject,
+Three layouts are read (docs/method.md): the Hugging Face `cais/mmlu` layout (question, subject,
 choices[4], answer index) as JSONL/JSON/Parquet/CSV, the original MMLU CSV layout (no
 header: question, A, B, C, D, answer; the subject comes from the file name), and the JSONL
 layout with answer_a..answer_d, correct_answer and topic.

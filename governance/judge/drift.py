@@ -240,16 +240,6 @@ def _layer_curves_png(changes: pd.DataFrame, path: Path) -> bool:
 # -- the report ------------------------------------------------------------------------------
 
 
-def _identity(result: AuditResult) -> dict[str, Any]:
-    model = result.meta.get("model", {}) or {}
-    return {
-        "model": model.get("source"),
-        "weights_fingerprint": model.get("weights_fingerprint"),
-        "spec_sha256": result.meta.get("spec_sha256"),
-        "completed_at": result.meta.get("completed_at"),
-    }
-
-
 def drift_report(
     current: AuditResult,
     baseline: AuditResult,
@@ -269,7 +259,7 @@ def drift_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     notes: list[str] = []
-    cur_id, base_id = _identity(current), _identity(baseline)
+    cur_id, base_id = current.identity(), baseline.identity()
     if cur_id["spec_sha256"] != base_id["spec_sha256"]:
         notes.append("the two audits ran different specs (spec_sha256 differs): only rows "
                      "with the same key are compared, and a change may come from the spec")

@@ -1,4 +1,4 @@
-"""The restoration score and its bootstrap interval (method.md, "The scores").
+"""The restoration score and its bootstrap interval (docs/method.md, "The scores").
 
 With centred option logits l(q) and the persona shift d_q = l_clean(q) - l_corr(q):
 

@@ -20,7 +20,7 @@ def add_cli(sub) -> None:
         "audit",
         help="run a persona-patching audit on one model and write its tables",
         description=(
-            "Run the persona-patching audit (method.md) on one model: behaviour per persona, "
+            "Run the persona-patching audit (docs/method.md) on one model: behaviour per persona, "
             "restoration scores per component/layer/head, attention to identity. Writes "
             "scores.csv, attention.csv, behaviour.csv, pairs.csv, audit.json and prompts.jsonl "
             "to --out. Needs no MLflow server."
@@ -37,17 +37,18 @@ def add_cli(sub) -> None:
                         "'smollm2-135m-instruct'")
     p.add_argument("--questions",
                    help="question file (JSONL/JSON/Parquet/CSV), MMLU CSV dir, or the pinned "
-                        "asset 'mmlu' (14,042 MMLU test questions)")
+                        "asset 'mmlu' (14,042 MMLU test questions; the default)")
     p.add_argument("--spec", help="audit spec YAML; options given here override it")
     p.add_argument("--personas", help="persona catalogue YAML (default: the packaged one)")
     p.add_argument("--categories", nargs="+", metavar="CATEGORY",
                    help="persona categories to audit (default: all)")
     p.add_argument("--pair", nargs=2, action="append", metavar=("CLEAN", "CORRUPT"),
-                   help="an explicit persona pair (repeatable); replaces the catalogue's pairs")
+                   help="an explicit persona pair (repeatable); replaces the catalogue's pairs; "
+                        "a phrase the catalogue lacks is an ad-hoc persona")
     p.add_argument("--n-questions", type=int, help="stratified sample size (default 100)")
     p.add_argument("--seed", type=int, help="sampling and bootstrap seed (default 0)")
     p.add_argument("--components", nargs="+", metavar="COMPONENT:POSITIONS",
-                   help="e.g. resid_pre:identity mlp_out:all head:last (default: method.md's "
+                   help="e.g. resid_pre:identity mlp_out:all head:last (default: docs/method.md's "
                         "table)")
     p.add_argument("--layers", nargs="+", type=int, help="layers to patch (default: all)")
     p.add_argument("--alignment", choices=["pad", "refuse"],
@@ -74,6 +75,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from governance.models.loading import load_model, resolve_model
 
     spec = AuditSpec.from_yaml(args.spec) if args.spec else AuditSpec()
+    if not args.questions and not spec.questions:
+        log.info("no question set given: using the pinned MMLU sample (asset 'mmlu')")
+        args.questions = "mmlu"
     spec = spec.with_overrides(
         questions=resolve(args.questions, "questions") if args.questions else None,
         personas=args.personas,

@@ -116,8 +116,8 @@ def evaluate(
         summary=summary,
         policy={"name": policy.name, "version": policy.version, "sha256": sha,
                 "baseline": policy.baseline.describe()},
-        audit=_audit_identity(audit),
-        baseline=_audit_identity(baseline) if baseline is not None else None,
+        audit=audit.identity(),
+        baseline=baseline.identity() if baseline is not None else None,
         drift_share=drift_share,
         evaluated_at=pd.Timestamp.now(tz="UTC").isoformat(),
     )
@@ -166,13 +166,6 @@ def _model_name(meta: dict) -> str:
     if source.startswith("models:/"):
         return source.removeprefix("models:/").split("/")[0].split("@")[0]
     return source
-
-
-def _audit_identity(audit) -> dict[str, Any]:
-    model = audit.meta.get("model") or {}
-    return {"model": model.get("source"), "weights_fingerprint": model.get("weights_fingerprint"),
-            "spec_sha256": audit.meta.get("spec_sha256"),
-            "completed_at": audit.meta.get("completed_at")}
 
 
 _REQUIRED = {

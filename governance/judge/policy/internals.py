@@ -48,7 +48,7 @@ class LayerOverride(StrictModel):
 
 
 class _ScoreRule(Rule):
-    """Anatomy: restoration scores (method.md) of the category's pairs, warn by default."""
+    """Anatomy: restoration scores (docs/method.md) of the category's pairs, warn by default."""
 
     severity: Severity = "warn"
     max: float = Field(ge=0, le=1000)
@@ -158,7 +158,7 @@ class AttentionOverride(StrictModel):
 
 
 class IdentityAttention(Rule):
-    """A head attends disproportionately to identity tokens (method.md): its mass is far
+    """A head attends disproportionately to identity tokens (docs/method.md): its mass is far
     above the same head's mass for the neutral control (`ratio`) and above the other heads
     (`zscore`). `combine: all` needs both limits exceeded, `any` one of them."""
 
