@@ -10,6 +10,12 @@ agreement with exact patching. Where TransformerLens is installed (a dev depende
 also times TransformerLens's own per-head sweep, `get_act_patch_attn_head_out_all_pos`, on
 the same weights against the engine's head sweep and checks that they agree.
 
+In float32 the engine must agree with the loop and with TransformerLens directly. In bfloat16
+or float16 two computations of the same patches round differently, so each one (the engine,
+the loop, TransformerLens) is compared with a float32 reference instead: the engine on the
+same weights cast to float32, the same prompts and the same patches. The run fails when the
+engine is further from it than the loop or TransformerLens (up to a slack it prints).
+
     # CPU, the real small model, 4 MMLU prompt pairs (about 35 minutes on 2 cores,
     # most of it the TransformerLens-style loop and TransformerLens)
     python benchmarks/patching.py --model smollm2-135m-instruct --pairs 4
@@ -22,10 +28,13 @@ the same weights against the engine's head sweep and checks that they agree.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import resource
 import sys
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,6 +66,8 @@ SHAPES = {
                        vocab_size=128256, max_position_embeddings=4096, rope_theta=500000.0),
 }
 DEFAULT_SWEEPS = DEFAULT_COMPONENTS  # the audit's default: docs/method.md's table
+LOW_PRECISION = ("bfloat16", "float16")  # checked against REFERENCE_DTYPE, not directly
+REFERENCE_DTYPE = "float32"
 
 
 @dataclass
@@ -172,8 +183,8 @@ def transformer_lens_heads(model, prompts: list[Prompt], options, device):
         return None
     a, b = options[:2]
 
-    def logit_diff(logits):
-        return (logits[:, -1, a] - logits[:, -1, b]).float().mean()
+    def logit_diff(logits):  # in float32, as the engine's option logits are subtracted
+        return (logits[:, -1, a].float() - logits[:, -1, b].float()).mean()
 
     groups: dict[int, list[int]] = {}
     for i, p in enumerate(prompts):
@@ -277,10 +288,10 @@ def time_engine(engine, prompts, patches, options, device, warmup: float = 0.0):
 
 
 def logit_tolerance(dtype: str, results) -> float:
-    """Largest logit difference accepted between two exact computations of the same patches:
-    1e-4 in fp32; in bf16/fp16 twice the format's epsilon times the largest logit (two to
-    four units in its last place: a bf16 unit at 32-64 is 0.25), since the same sums in
-    another order round differently."""
+    """Rounding allowance, in logits, between two exact computations of the same patches:
+    1e-4 in fp32 (the direct agreement checks); in bf16/fp16 twice the format's epsilon times
+    the largest patched logit of `results` (two to four units in its last place: a bf16 unit
+    at 32-64 is 0.25), the slack of the verdict against the float32 reference (`verdict`)."""
     if dtype == "float32":
         return 1e-4
     largest = max(float(r[0].abs().max()) for r in results)
@@ -294,7 +305,145 @@ def scores_of(results) -> np.ndarray:
     return restoration(patched, clean, corrupt, n_boot=0).score
 
 
-def main(argv: list[str] | None = None) -> int:
+@contextmanager
+def cast(model: torch.nn.Module, dtype: torch.dtype) -> Iterator[None]:
+    """`model` in `dtype` inside the block, then with every parameter and buffer as before, in
+    its own dtype with its own values. Those `dtype` holds exactly (bfloat16 weights in
+    float32) are cast back; the others are kept aside and put back, since `model.to` back
+    would round them: a bfloat16 Llama keeps its rotary `inv_freq` in float32 (rounded, it
+    shifts the rotary angles of every later run by up to a few hundredths of a radian at 160
+    tokens), and float32 weights lose their low bits in a 16-bit format."""
+    saved = []
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for name, t in table.items():
+                if t is not None:
+                    exact = torch.promote_types(t.dtype, dtype) == dtype
+                    saved.append((table, name, t.dtype, None if exact else t.detach()))
+    model.to(dtype)
+    try:
+        yield
+    finally:
+        for table, name, original, kept in saved:
+            t = table[name]
+            value = t.detach().to(original) if kept is None else kept
+            if isinstance(t, torch.nn.Parameter):
+                t.data = value
+            else:
+                table[name] = value
+
+
+def engine_in(dtype: str, engine, model, prompts, patches, options, device):
+    """Seconds and (patched, clean, corrupt) per prompt of `engine` with `model` cast to
+    `dtype`. No warm-up: the seconds include rebuilding the fused weights in `dtype` (the
+    engine's next run rebuilds them in the model's own dtype)."""
+    with cast(model, getattr(torch, dtype)):
+        t = time.perf_counter()
+        out = []
+        for p in prompts:
+            r = engine.run(p.clean, p.corrupt, p.identity, patches, options)
+            out.append((r.patched.cpu(), r.clean.cpu(), r.corrupt.cpu()))
+        sync(device)
+        return time.perf_counter() - t, out
+
+
+def with_error(results, error: float):
+    """`results` with `error` added to the first option's patched logit of every row: the
+    seam through which a test makes the engine wrong and checks that the benchmark fails."""
+    if not error:
+        return results
+    out = []
+    for patched, clean, corrupt in results:
+        patched = patched.clone()
+        patched[:, 0] += error
+        out.append((patched, clean, corrupt))
+    return out
+
+
+def error_of(values: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]
+             ) -> tuple[float, float]:
+    """Max and mean |values - reference| over every element of the paired tensors."""
+    diff = torch.cat([(v.double() - r.double()).abs().flatten()
+                      for v, r in zip(values, reference, strict=True)])
+    return float(diff.max()), float(diff.mean())
+
+
+def head_metric(results, groups: list[list[int]], rows, shape) -> list[torch.Tensor]:
+    """TransformerLens's metric from the engine's option logits: the first two options' logit
+    difference after each head patch (`rows` of each prompt's patched logits), averaged over
+    each group's prompts; per group, of `shape` (layers, heads)."""
+    return [torch.stack([results[i][0][rows, 0] - results[i][0][rows, 1] for i in members])
+            .mean(0).view(shape) for members in groups]
+
+
+def verdict(errors: dict[str, float], engines: Sequence[str], slack: float
+            ) -> tuple[bool, dict[str, str]]:
+    """Whether each engine computation is at least as close to the float32 reference as the
+    other computations of the same quantity. `errors`: each computation's max |error| against
+    the reference. An engine passes when its error is at most the largest of the others' plus
+    `slack` (NaN fails); with no other computation to compare with, it passes. Returns that
+    and each computation's verdict ("peer" for the others)."""
+    peers = {name: e for name, e in errors.items() if name not in engines}
+    if not peers:
+        return True, dict.fromkeys(errors, "pass: no other computation to compare with")
+    worst = max(peers, key=peers.__getitem__)
+    bound = peers[worst] * 1.0 + slack
+    marks = dict.fromkeys(peers, "peer")
+    ok = True
+    for name in engines:
+        if name not in errors:
+            continue
+        good = bool(errors[name] <= bound)  # False for NaN
+        ok = ok and good
+        marks[name] = (f"{'pass' if good else 'FAIL'}: {errors[name]:.2e} "
+                       f"{'<=' if good else '>'} {worst} {peers[worst]:.2e} + slack "
+                       f"{slack:.2e}")
+    return ok, marks
+
+
+@dataclass
+class Error:
+    """One computation's error against the float32 reference on one quantity."""
+
+    computation: str
+    dtype: str
+    quantity: str  # "patched logits" or "head metric"
+    over: str  # what the error is taken over
+    max: float
+    mean: float
+
+
+def report(errors: list[Error], engines: Sequence[str], slack: float, reference: str,
+           slack_note: str) -> bool:
+    """Print each computation's error against the float32 reference and its verdict, one
+    table, and how the slack was set; a FAIL line (stderr) for each engine computation that
+    fails. True if none does."""
+    print(f"\nerror against the {REFERENCE_DTYPE} reference: {reference}")
+    header = (f"  {'computation':<22} {'dtype':<9} {'quantity':<15} {'over':<24} "
+              f"{'max |error|':>11} {'mean |error|':>12}  verdict")
+    print(header)
+    ok, fails = True, []
+    for quantity in dict.fromkeys(e.quantity for e in errors):
+        rows = [e for e in errors if e.quantity == quantity]
+        good, marks = verdict({e.computation: e.max for e in rows}, engines, slack)
+        ok = ok and good
+        for e in rows:
+            print(f"  {e.computation:<22} {e.dtype:<9} {e.quantity:<15} {e.over:<24} "
+                  f"{e.max:11.2e} {e.mean:12.2e}  {marks[e.computation]}")
+            if marks[e.computation].startswith("FAIL"):
+                fails.append(f"FAIL: {e.computation} vs {REFERENCE_DTYPE} on the {quantity}: "
+                             f"further from it than the others allow, max |error| "
+                             f"{marks[e.computation][6:]}")
+    print(f"  slack: {slack_note}")
+    for line in fails:
+        print(line, file=sys.stderr)
+    return ok
+
+
+def main(argv: list[str] | None = None, *, engine_error: float = 0.0) -> int:
+    """Run the benchmark; 0 if its checks pass, 1 if not. `engine_error` is added to the
+    first option's patched logit of the engine's results before they are checked (a seam for
+    tests: the checks must catch it)."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct",
@@ -304,7 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens", type=int, default=160, help="tokens per prompt (--shape)")
     parser.add_argument("--sweeps", nargs="+", default=list(DEFAULT_SWEEPS))
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="float32",
+                        help=f"float32, or {' / '.join(LOW_PRECISION)}: then every computation "
+                        f"is checked against the engine in {REFERENCE_DTYPE}")
     parser.add_argument("--chunk-rows", type=int,
                         help="rows per forward (default: the engine's: 32 on a CPU, sized to "
                         "free memory on a GPU)")
@@ -312,7 +463,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="the engine's fused layers: auto = on for Llama-family "
                         "models; when on, the hooked engine is timed too")
     parser.add_argument("--parity-dtype", help="also run the engine with the model cast to this "
-                        "dtype (e.g. float32) and print the largest score difference")
+                        "dtype (e.g. float32) and print the largest score difference (with "
+                        f"--dtype {' / '.join(LOW_PRECISION)} and {REFERENCE_DTYPE}, the run "
+                        "of the float32 reference)")
     parser.add_argument("--transformer-lens", choices=["auto", "off"], default="auto",
                         help="auto: also time TransformerLens's own per-head sweep where it "
                         "is installed (pip install transformer-lens)")
@@ -329,6 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if args.warmup is None:
         args.warmup = 30.0 if device.type == "cuda" else 0.0
+    low = args.dtype in LOW_PRECISION
     model, anatomy, prompts, options = load(args)
     patches = sweep(anatomy, [tuple(s.split(":")) for s in args.sweeps])
     tokens = [len(p.clean) for p in prompts]
@@ -340,15 +494,19 @@ def main(argv: list[str] | None = None) -> int:
     fused = {"auto": None, "on": True, "off": False}[args.fused]
     engine = PatchingEngine(model, anatomy, chunk_rows=args.chunk_rows, fused=fused)
     t_ours, ours = time_engine(engine, prompts, patches, options, device, args.warmup)
+    ours = with_error(ours, engine_error)
     mem_ours = peak_memory_gb(device)
     s_ours = scores_of(ours)
-    hooked_line = ""
+    kind = "fused" if engine.fused is not None else "hooked"
+    engines = [f"engine ({kind})"]
+    hooked_line, by_hooks = "", None
     rows = engine.rows_per_forward(max(tokens))
     print(f"rows per forward: {rows}" + ("" if args.chunk_rows else " (sized by the engine)"))
     if engine.fused is not None and not args.skip_hooked:
         hooked = PatchingEngine(model, anatomy, chunk_rows=args.chunk_rows, fused=False)
         t_hooked, by_hooks = time_engine(hooked, prompts, patches, options, device,
                                          args.warmup)
+        engines.append("engine (hooked)")
         gap = max(float((a[0] - b[0]).abs().max()) for a, b in zip(ours, by_hooks, strict=True))
         hooked_line = (f"engine on the model's own layers with hooks {t_hooked:9.2f} s: the "
                        f"fused layers are {t_hooked / t_ours:.2f}x faster; max |logit "
@@ -365,7 +523,6 @@ def main(argv: list[str] | None = None) -> int:
     flops = engine_flops(anatomy, model.config, prompts, patches, engine.fused is not None)
     burst = matmul_peak(device, getattr(torch, args.dtype), 0.2)
     peak = matmul_peak(device, getattr(torch, args.dtype), min(t_ours, 5.0))
-    kind = "fused" if engine.fused is not None else "hooked"
     print(f"\nengine ({kind}) {t_ours:9.2f} s   {flops / 1e12:8.2f} TFLOP   "
           f"{flops / t_ours / 1e12:7.2f} TFLOP/s = {flops / t_ours / peak:5.1%} of the measured "
           f"{args.dtype} matmul peak sustained for {min(t_ours, 5.0):.1f} s "
@@ -381,76 +538,144 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  agreement on {label:<11}: spearman {agree['spearman']:.3f}, recall@20 of "
                   f"the exact top-20 {agree['recall_at_20']:.2f} (n={int(agree['n'])})")
 
+    # The engine with the model cast to each other dtype asked for, once, on every patch that
+    # is compared: the sweeps, and in low precision the head sweep TransformerLens runs.
+    head_sweep = sweep(anatomy, [("head", "all")])
+    with_tl = (args.transformer_lens == "auto"
+               and importlib.util.find_spec("transformer_lens") is not None)
+    known = set(patches)
+    cast_patches = patches + ([p for p in head_sweep if p not in known] if low and with_tl
+                              else [])
+    cast_dtypes = ([REFERENCE_DTYPE] if low else []) + ([args.parity_dtype]
+                                                         if args.parity_dtype else [])
+    cast_runs = {dtype: engine_in(dtype, engine, model, prompts,
+                                  cast_patches if dtype == REFERENCE_DTYPE else patches,
+                                  options, device)
+                 for dtype in dict.fromkeys(cast_dtypes)}
+    n = len(patches)
     if args.parity_dtype:
-        model.to(getattr(torch, args.parity_dtype))
-        ref = []
-        for p in prompts:
-            r = engine.run(p.clean, p.corrupt, p.identity, patches, options)
-            ref.append((r.patched.cpu(), r.clean.cpu(), r.corrupt.cpu()))
-        s_ref32 = scores_of(ref)
+        s_ref32 = scores_of([(r[0][:n], r[1], r[2]) for r in cast_runs[args.parity_dtype][1]])
         gap = float(np.nanmax(np.abs(s_ours - s_ref32)))
         print(f"parity      {args.dtype} vs {args.parity_dtype}: max |S difference| {gap:.2e}, "
               f"mean {float(np.nanmean(np.abs(s_ours - s_ref32))):.2e}")
-        model.to(getattr(torch, args.dtype))
-    if args.transformer_lens == "auto" and not compare_transformer_lens(
-            model, anatomy, engine, prompts, patches, options, device, args, t_ours, ours):
-        return 1
-    if args.skip_baseline:
+    errors: list[Error] = []
+    reference, where, described = None, {}, ""
+    if low:
+        t_ref, reference = cast_runs[REFERENCE_DTYPE]
+        where = {p: i for i, p in enumerate(cast_patches)}
+        described = (f"the engine ({kind}) in {REFERENCE_DTYPE} on {device} ({t_ref:.2f} s), "
+                     f"the model cast from {args.dtype} (the same weights), the same prompts "
+                     f"and patches")
+    if args.transformer_lens == "auto":
+        tl = compare_transformer_lens(model, anatomy, engine, prompts, patches, options, device,
+                                      args, t_ours, ours, engine_error)
+        if tl is not None and low:
+            print(f"  (both in {args.dtype}; each against {REFERENCE_DTYPE} below)")
+            ref_metric = head_metric(reference, tl.groups, [where[p] for p in head_sweep],
+                                     tl.ours[0].shape)
+            over = f"{len(tl.groups)} group(s) x {len(head_sweep)} heads"
+            errors += [Error(engines[0], args.dtype, "head metric", over,
+                             *error_of(tl.ours, ref_metric)),
+                       Error(tl.name, args.dtype, "head metric", over,
+                             *error_of(tl.theirs, ref_metric))]
+        elif tl is not None:
+            tol = logit_tolerance(args.dtype, ours)
+            if tl.gap > tol:
+                print(f"FAIL: TransformerLens's metric differs from the engine's by more than "
+                      f"{tol:.2g}", file=sys.stderr)
+                return 1
+    n_base, base = len(prompts), None
+    if not args.skip_baseline:
+        n_base = args.baseline_prompts or len(prompts)
+        if device.type == "cuda":  # the loop's own peak, not the engines' or TransformerLens's
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        base = baseline(model, anatomy, prompts[:n_base], patches, options, device)
+        sync(device)
+        t_base = (time.perf_counter() - t) * len(prompts) / n_base
+        s_base = scores_of(base)
+        s_ref = scores_of(ours[:n_base])
+        logit_gap = max(float((o[0] - b[0]).abs().max())
+                        for o, b in zip(ours, base, strict=False))
+        shift = min(float(np.linalg.norm(_centred(b[1]) - _centred(b[2]))) for b in base)
+        diff = float(np.nanmax(np.abs(s_base - s_ref)))
+        span = float(np.nanmax(s_ref) - np.nanmin(s_ref)) or 1.0
+        scaled = "" if n_base == len(prompts) else f" (timed on {n_base} prompts, scaled)"
+        print(f"TL-style    {t_base:9.2f} s{scaled}   peak memory {peak_memory_gb(device):.2f} GB")
+        print(f"\nspeedup     {t_base / t_ours:6.2f}x")
+        print(f"agreement   max |logit difference| {logit_gap:.1e}; max |S difference| {diff:.1e} "
+              f"({diff / span:.1e} of the score range; S divides by persona shifts as small as "
+              f"{shift:.3f})" + (f" (both in {args.dtype}; each against {REFERENCE_DTYPE} "
+                                 "below)" if low else ""))
+        if not low:
+            tol = logit_tolerance(args.dtype, ours)
+            if logit_gap > tol:
+                print(f"FAIL: patched logits differ by more than {tol:.2g}", file=sys.stderr)
+                return 1
+    if not low:
         return 0
-    n_base = args.baseline_prompts or len(prompts)
-    t = time.perf_counter()
-    base = baseline(model, anatomy, prompts[:n_base], patches, options, device)
-    sync(device)
-    t_base = (time.perf_counter() - t) * len(prompts) / n_base
-    s_base = scores_of(base)
-    s_ref = scores_of(ours[:n_base])
-    logit_gap = max(float((o[0] - b[0]).abs().max()) for o, b in zip(ours, base, strict=False))
-    shift = min(float(np.linalg.norm(_centred(b[1]) - _centred(b[2]))) for b in base)
-    diff = float(np.nanmax(np.abs(s_base - s_ref)))
-    span = float(np.nanmax(s_ref) - np.nanmin(s_ref)) or 1.0
-    scaled = "" if n_base == len(prompts) else f" (timed on {n_base} prompts, scaled)"
-    print(f"TL-style    {t_base:9.2f} s{scaled}   peak memory {peak_memory_gb(device):.2f} GB")
-    print(f"\nspeedup     {t_base / t_ours:6.2f}x")
-    print(f"agreement   max |logit difference| {logit_gap:.1e}; max |S difference| {diff:.1e} "
-          f"({diff / span:.1e} of the score range; S divides by persona shifts as small as "
-          f"{shift:.3f})")
-    tol = logit_tolerance(args.dtype, ours)
-    if logit_gap > tol:
-        print(f"FAIL: patched logits differ by more than {tol:.2g}", file=sys.stderr)
-        return 1
-    return 0
+    # The engine and the loop on the prompts the loop ran.
+    ref_logits = [r[0][:n] for r in reference[:n_base]]
+    over = f"{n_base} prompt{'s' * (n_base != 1)} x {n} patches"
+    logits = [(engines[0], ours)] + ([("engine (hooked)", by_hooks)] if by_hooks else [])
+    logits += [("TL-style loop", base)] if base is not None else []
+    errors = [Error(name, args.dtype, "patched logits", over,
+                    *error_of([r[0] for r in results[:n_base]], ref_logits))
+              for name, results in logits] + errors
+    # Slack: an engine passes when it is no further from float32 than the loop and
+    # TransformerLens plus twice the format's epsilon times the largest logit (two to four
+    # units in its last place). Their max errors are extremes of the same accumulated
+    # rounding, summed in another order (chunked rows, fused kernels, runs resumed at the
+    # patched layer), and each output is rounded to the format once more at the end (half a
+    # unit either way), so on one run the engine's may land a unit or two above theirs; an
+    # engine that loses precision (a stale or lower-precision intermediate) is further off
+    # than that.
+    slack = logit_tolerance(args.dtype, reference)
+    eps = torch.finfo(getattr(torch, args.dtype)).eps
+    note = (f"2 x {args.dtype} epsilon {eps:.2e} x max(1, largest |{REFERENCE_DTYPE} patched "
+            f"logit|) {slack / (2 * eps):.3g} = {slack:.2e}, on top of the others' max error")
+    return 0 if report(errors, engines, slack, described, note) else 1
+
+
+@dataclass
+class HeadSweeps:
+    """TransformerLens's head sweep and the engine's on the same prompts: the metric per
+    prompt group, (layers, heads) each."""
+
+    name: str  # TransformerLens and its version
+    groups: list[list[int]]
+    theirs: list[torch.Tensor]
+    ours: list[torch.Tensor]
+    gap: float  # max |theirs - ours|
 
 
 def compare_transformer_lens(model, anatomy, engine, prompts, patches, options, device, args,
-                             t_ours, ours) -> bool:
+                             t_ours, ours, engine_error: float = 0.0) -> HeadSweeps | None:
     """Time TransformerLens's per-head sweep beside the engine's on the same head patches and
-    check they agree; False if they disagree. Prints why it is skipped where TL is missing."""
+    print how far apart their metrics are; None where TransformerLens is missing (it says
+    so)."""
     tl = transformer_lens_heads(model, prompts, options, device)
     if tl is None:
         print("TransformerLens is not installed: its own sweep was not timed "
               "(pip install transformer-lens)")
-        return True
+        return None
     from importlib.metadata import version
 
     t_tl, groups, metric = tl
     heads = sweep(anatomy, [("head", "all")])
     if patches != heads:  # time the engine on the head sweep alone
         t_ours, ours = time_engine(engine, prompts, heads, options, device, args.warmup)
-    ours_metric = [torch.stack([ours[i][0][:, 0] - ours[i][0][:, 1] for i in members]).mean(0)
-                   .view(anatomy.n_layers, anatomy.n_heads) for members in groups]
+        ours = with_error(ours, engine_error)
+    ours_metric = head_metric(ours, groups, slice(None), (anatomy.n_layers, anatomy.n_heads))
     gap = max(float((m - o).abs().max()) for m, o in zip(metric, ours_metric, strict=True))
     span = max(float(o.max() - o.min()) for o in ours_metric) or 1.0
-    print(f"\nTransformerLens {version('transformer-lens')} get_act_patch_attn_head_out_all_pos "
+    name = f"TransformerLens {version('transformer-lens')}"
+    print(f"\n{name} get_act_patch_attn_head_out_all_pos "
           f"{t_tl:9.2f} s ({len(groups)} batch(es) of one prompt length)   engine on the same "
           f"{len(heads)} head patches {t_ours:.2f} s   speedup {t_tl / t_ours:6.2f}x")
     print(f"  agreement: max |logit-difference metric difference| {gap:.1e} "
           f"({gap / span:.1e} of its range over heads)")
-    tol = logit_tolerance(args.dtype, ours)
-    if gap > tol:
-        print(f"FAIL: TransformerLens's metric differs from the engine's by more than {tol:.2g}",
-              file=sys.stderr)
-        return False
-    return True
+    return HeadSweeps(name, groups, metric, ours_metric, gap)
 
 
 def _centred(x: torch.Tensor) -> np.ndarray:

@@ -1,27 +1,103 @@
 """The benchmark script runs end to end on a tiny shape and its agreement checks hold (the
 timings themselves are not tested: speed is proven by running the script, not by tests)."""
 
+import argparse
+import importlib.util
+import math
+
 import pytest
 import torch
 
-from benchmarks.patching import engine_flops, layer_flops, load, logit_tolerance, main
+from benchmarks.patching import (
+    cast,
+    engine_flops,
+    layer_flops,
+    load,
+    logit_tolerance,
+    main,
+    verdict,
+)
 from governance.patching.engine import sweep
+
+TINY = ["--shape", "tiny", "--pairs", "2", "--tokens", "24", "--sweeps", "head:all",
+        "mlp_out:last", "resid_pre:identity", "--warmup", "0"]
+HAS_TL = importlib.util.find_spec("transformer_lens") is not None
 
 
 def test_benchmark_runs_and_agrees_on_a_tiny_shape(capsys):
-    argv = ["--shape", "tiny", "--pairs", "2", "--tokens", "24", "--sweeps", "head:all",
-            "mlp_out:last", "resid_pre:identity", "--warmup", "0"]
-    assert main(argv) == 0
+    assert main(TINY) == 0
     out = capsys.readouterr().out
     assert "speedup" in out and "FAIL" not in out
     assert "engine on the model's own layers with hooks" in out
 
 
+def test_low_precision_is_checked_against_float32(capsys):
+    """In bfloat16 the engine, the loop and TransformerLens are each compared with the
+    engine in float32 on the same patches, and the engine is no further from it."""
+    assert main([*TINY, "--dtype", "bfloat16"]) == 0
+    out = capsys.readouterr().out
+    assert "error against the float32 reference: the engine (fused) in float32" in out
+    table = out[out.index("error against the float32 reference"):].splitlines()
+
+    def row(name, quantity):
+        return next(line.rstrip() for line in table
+                    if line.strip().startswith(name) and quantity in line)
+
+    assert "pass:" in row("engine (fused)", "patched logits")
+    assert "pass:" in row("engine (hooked)", "patched logits")
+    assert row("TL-style loop", "patched logits").endswith("peer")
+    if HAS_TL:
+        assert "pass:" in row("engine (fused)", "head metric")
+        assert row("TransformerLens", "head metric").endswith("peer")
+    assert "slack: 2 x bfloat16 epsilon" in out and "FAIL" not in out
+
+
+def test_an_engine_further_from_float32_fails_the_run(capsys):
+    """The seam: an error added to the engine's bfloat16 logits must fail both comparisons."""
+    assert main([*TINY, "--dtype", "bfloat16", "--skip-hooked"], engine_error=0.5) == 1
+    err = capsys.readouterr().err
+    assert "FAIL: engine (fused) vs float32 on the patched logits" in err
+    assert ("FAIL: engine (fused) vs float32 on the head metric" in err) == HAS_TL
+
+
+def test_verdict_holds_the_engine_to_the_worst_other_computation_plus_the_slack():
+    engines = ["engine (fused)", "engine (hooked)"]
+    errors = {"engine (fused)": 0.30, "engine (hooked)": 0.26, "TL-style loop": 0.25,
+              "TransformerLens": 0.10}
+    ok, marks = verdict(errors, engines, slack=0.05)
+    assert ok and marks["TL-style loop"] == marks["TransformerLens"] == "peer"
+    assert marks["engine (fused)"].startswith("pass: 3.00e-01 <= TL-style loop 2.50e-01")
+    ok, marks = verdict(errors, engines, slack=0.04)
+    assert not ok
+    assert marks["engine (fused)"].startswith("FAIL: 3.00e-01 > TL-style loop 2.50e-01")
+    assert marks["engine (hooked)"].startswith("pass")
+    assert not verdict({"engine (fused)": math.nan, "TL-style loop": 1.0}, engines, 0.1)[0]
+    assert verdict({"engine (fused)": 9.0}, engines, 0.0)[0]  # nothing to compare with
+
+
+@pytest.mark.parametrize("dtype,to", [("bfloat16", torch.float32),
+                                      ("float32", torch.bfloat16)])
+def test_casting_for_the_reference_gives_the_model_back_exactly(dtype, to):
+    """The rotary `inv_freq` a bfloat16 model keeps in float32, and float32 weights, come back
+    unrounded after the model ran in another dtype."""
+    args = argparse.Namespace(shape="tiny", pairs=1, tokens=24, device="cpu", dtype=dtype,
+                              model=None)
+    model = load(args)[0]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before.update({k: b.clone() for k, b in model.named_buffers()})
+    with cast(model, to):
+        assert next(model.parameters()).dtype == to
+    after = dict(model.state_dict())
+    after.update(dict(model.named_buffers()))
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert after[k].dtype == v.dtype and torch.equal(after[k], v), k
+    assert model.model.rotary_emb.inv_freq.dtype == torch.float32
+
+
 def test_flops_count_what_each_row_recomputes():
     """Fused: a last-position patch at the final layer costs keys/values of one position
     plus one query; an all-positions patch recomputes from the prompts' first difference."""
-    import argparse
-
     args = argparse.Namespace(shape="tiny", pairs=1, tokens=24, device="cpu", dtype="float32",
                               model=None)
     model, anatomy, prompts, _ = load(args)
