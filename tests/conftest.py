@@ -48,3 +48,20 @@ def aligned(tokenizer):
     pairs = [builder.pair("a physically-disabled person", "a human", q) for q in questions]
     assert pairs[0].padded == "corrupt"
     return pairs
+
+
+@pytest.fixture(scope="session")
+def _tiny_audit_once(tokenizer):
+    from support.audits import TINY_SOURCE, TINY_SPEC, run_tiny_audit
+
+    return run_tiny_audit(tokenizer, TINY_SPEC, TINY_SOURCE)
+
+
+@pytest.fixture(scope="module")
+def tiny_audit(_tiny_audit_once):
+    """The shared tiny audit (support.audits.TINY_SPEC on a tiny random llama), run once per
+    session; each test module gets its own deep copy, so an edit in one module cannot reach
+    another. Tests that edit it take `support.audits.copy_audit(tiny_audit)` first."""
+    import copy
+
+    return copy.deepcopy(_tiny_audit_once)

@@ -11,15 +11,17 @@ import pandas as pd
 import pytest
 
 from governance.audit.result import AuditResult
-from governance.audit.run import run_audit
 from governance.audit.spec import AuditSpec
 from governance.errors import ConfigError, DriftError
 from governance.judge.drift import drift_report
-from governance.models.loading import LoadedModel
-from governance.models.tiny import tiny_model, tiny_questions
+from governance.models.tiny import tiny_questions
 from governance.tracking.runs import load_audit
 from jobs.cli.main import main
 
+from support.audits import copy_audit, run_tiny_audit
+
+# not the shared `tiny_audit`: head:last as well, so that moving the head:all grid is seen to
+# drift that column alone
 SPEC = AuditSpec(
     n_questions=6,
     pairs=[("a Black person", "a White person"), ("a man", "a woman")],
@@ -30,18 +32,11 @@ SPEC = AuditSpec(
 
 @pytest.fixture(scope="module")
 def audit(tokenizer) -> AuditResult:
-    model = tiny_model("llama", vocab_size=len(tokenizer))
-    return run_audit(LoadedModel.from_model(model, tokenizer, "tiny-llama"), SPEC,
-                     questions=tiny_questions(6), progress=False)
-
-
-def _copy(result: AuditResult) -> AuditResult:
-    return AuditResult(result.scores.copy(), result.attention.copy(), result.behaviour.copy(),
-                       result.pairs.copy(), json.loads(json.dumps(result.meta)))
+    return run_tiny_audit(tokenizer, SPEC, questions=tiny_questions(6))
 
 
 def test_planted_head_change_is_named_exactly(audit, tmp_path):
-    baseline = _copy(audit)
+    baseline = copy_audit(audit)
     s = baseline.scores
     planted = (s["component"] == "head") & (s["layer"] == 1) & (s["head"] == 2)
     baseline.scores.loc[planted, "score"] -= 0.4
@@ -71,7 +66,7 @@ def test_planted_head_change_is_named_exactly(audit, tmp_path):
 
 
 def test_identical_audits_do_not_drift(audit, tmp_path):
-    drift = drift_report(audit, _copy(audit), tmp_path)
+    drift = drift_report(audit, copy_audit(audit), tmp_path)
     assert drift.drift_share == 0.0
     assert drift.top_changes["abs_change"].max() == pytest.approx(0.0)
     assert drift.behaviour_changes["abs_change"].max() == pytest.approx(0.0)
@@ -81,7 +76,7 @@ def test_identical_audits_do_not_drift(audit, tmp_path):
 def test_shifted_grid_drifts_in_evidently_with_the_chosen_method(audit, tmp_path):
     """Moving one category's whole head:all grid drifts that Evidently column (wasserstein,
     not a KS p-value), and a per-layer change shows up as a layer row."""
-    baseline = _copy(audit)
+    baseline = copy_audit(audit)
     s = baseline.scores
     baseline.scores.loc[(s["component"] == "head") & (s["positions"] == "all")
                         & (s["category"] == "race"), "score"] += 1.0
@@ -98,7 +93,7 @@ def test_shifted_grid_drifts_in_evidently_with_the_chosen_method(audit, tmp_path
 
 
 def test_partial_overlap_is_noted_and_nothing_shared_is_an_error(audit, tmp_path):
-    baseline = _copy(audit)
+    baseline = copy_audit(audit)
     baseline.scores = baseline.scores[baseline.scores["layer"] != 2]
     baseline.meta["spec_sha256"] = "0" * 64
     drift = drift_report(audit, baseline, tmp_path / "a")
@@ -106,7 +101,7 @@ def test_partial_overlap_is_noted_and_nothing_shared_is_an_error(audit, tmp_path
     assert any(n.startswith("layers: ") and "only in the current" in n for n in drift.notes)
     assert (drift.top_changes["layer"] != 2).all()
 
-    alien = _copy(audit)
+    alien = copy_audit(audit)
     for table in (alien.scores, alien.behaviour):
         table["category"] = "other"
     with pytest.raises(DriftError, match="not comparable"):
@@ -118,7 +113,7 @@ def test_partial_overlap_is_noted_and_nothing_shared_is_an_error(audit, tmp_path
 
 
 def test_cli_on_directories_and_bad_sources(audit, tmp_path, capsys):
-    baseline = _copy(audit)
+    baseline = copy_audit(audit)
     s = baseline.scores
     baseline.scores.loc[(s["component"] == "head") & (s["layer"] == 0) & (s["head"] == 3),
                         "score"] += 0.5

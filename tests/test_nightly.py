@@ -21,33 +21,8 @@ import yaml
 
 from jobs.cli.main import main
 
-QUESTIONS = [
-    {"question": f"Which number is prime, case {i}?", "answer_a": str(4 + i),
-     "answer_b": str(6 + i), "answer_c": str(7 + i), "answer_d": str(9 + i),
-     "correct_answer": "ABCD"[i % 4], "topic": ["math", "geo", "bio"][i % 3]}
-    for i in range(6)
-]
-SPEC = {
-    "n_questions": 4,
-    "pairs": [["a Black person", "a White person"]],
-    "components": ["mlp_out:identity", "attn_out:last", "head:last"],
-    "bootstrap": 20,
-}
-# passes anything: a gap above 1.0 is impossible; drift rules with a huge limit (drift runs)
-LENIENT = {
-    "version": 1, "name": "lenient", "applies_to": {"models": ["*"]},
-    "baseline": "previous",
-    "behaviour": {"accuracy_gap": {"max": 1.0, "severity": "fail"}},
-    "drift": {"missing_baseline": "warn", "layer_change": {"max": 1000.0, "severity": "fail"}},
-}
-# fails any model with a non-zero head score (a random model has plenty)
-HEADS_FAIL = {
-    "version": 1, "name": "heads-fail", "applies_to": {"models": ["tiny-b"]},
-    "baseline": "self",
-    "internals": {"head_restoration": {"max": 0.0, "severity": "fail",
-                                       "only_pairs_above_floor": False}},
-}
-ENABLED = {"persona_audit.enabled": "true"}
+from support.nightly import ENABLED, LENIENT, SPEC, write_setup
+
 HUMAN_NOTE = "Owner: team llm-platform. Do not delete."
 
 
@@ -58,26 +33,6 @@ def _env(**extra: str) -> dict[str, str]:
                OMP_NUM_THREADS="1")  # tiny models on a shared 2-core host
     env.update(extra)
     return env
-
-
-def write_setup(root: Path, tracking_uri: str, **config_extra) -> Path:
-    """Question file, test policies and a nightly config under `root`; returns the config."""
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "questions.jsonl").write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
-    (root / "lenient.yaml").write_text(yaml.safe_dump(LENIENT))
-    (root / "heads-fail.yaml").write_text(yaml.safe_dump(HEADS_FAIL))
-    config = {
-        "tracking_uri": tracking_uri,
-        "spec": {**SPEC, "questions": "questions.jsonl"},
-        "policy": ["heads-fail.yaml", "lenient.yaml"],
-        "models": [{"tags": ENABLED, "versions": "all"}],
-        "audit": {"device": "cpu", "system_metrics_interval_s": 0.2, "torch_threads": 1},
-        "retry": {"attempts": 2, "initial_delay_s": 0.05},
-        **config_extra,
-    }
-    path = root / "nightly.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
-    return path
 
 
 def log_tiny(tokenizer, experiment_id: str, seed: int) -> str:
@@ -357,7 +312,7 @@ def test_unreachable_tracking_server_is_retried_then_reported(tmp_path, capsys, 
     cfg = write_setup(tmp_path, f"http://alice:s3cr3t-pw@127.0.0.1:{port}",
                       retry={"attempts": 3, "initial_delay_s": 0.05})
     t0 = time.perf_counter()
-    assert main(["nightly", "--once", "--config", str(cfg)]) == 2
+    assert main(["nightly", "--once", "--config", str(cfg)]) == 4  # could not finish
     err = capsys.readouterr().err
     assert "unreachable after 3 attempts" in err and f"127.0.0.1:{port}" in err
     assert time.perf_counter() - t0 < 10
@@ -365,57 +320,7 @@ def test_unreachable_tracking_server_is_retried_then_reported(tmp_path, capsys, 
     assert "retrying" in caplog.text
 
 
-# -- config, retries, redaction (no registry needed) -------------------------------------------
-
-
-def test_config_precedence_and_relative_paths(tmp_path):
-    from jobs.config import Latest, load_config
-
-    cfg = write_setup(tmp_path, "sqlite:///from-file.db", experiment="file-exp")
-    env = {"MLFLOW_TRACKING_URI": "http://from-env:5000", "PERSONA_AUDIT_LEASE_URL": "sqlite://"}
-    c = load_config(cfg, env=env, experiment="from-flag")
-    assert c.tracking_uri == "http://from-env:5000"  # env beats the file
-    assert c.experiment == "from-flag"  # a flag beats both
-    assert c.lease_url() == "sqlite://"
-    assert c.inline_spec()["questions"] == str(tmp_path / "questions.jsonl")
-    assert c.policy_paths() == [str(tmp_path / "heads-fail.yaml"), str(tmp_path / "lenient.yaml")]
-    assert c.default_versions == Latest(latest=1)
-    plain = load_config(cfg, env={}, tracking_uri=f"sqlite:///{tmp_path}/store/mlflow.db")
-    assert plain.lease_url() == f"sqlite:///{tmp_path / 'store' / 'persona_audit_leases.db'}"
-    assert plain.jobstore_url() == f"sqlite:///{tmp_path / 'store' / 'persona_jobs.db'}"
-    assert plain.experiment_artifact_location() == str(tmp_path / "store" / "mlartifacts")
-
-
-@pytest.mark.parametrize(("body", "match"), [
-    ({"models": [{"name": "a", "tags": {"x": "y"}}]}, "exactly one of `name` or `tags`"),
-    ({"models": [{"name": "a", "versions": {"latest": 0}}]}, "models.0.versions"),
-    ({"modles": []}, "modles"),
-    ({"retry": {"attempts": 0}}, "retry.attempts"),
-])
-def test_config_errors_name_file_and_field(tmp_path, body, match):
-    from governance.errors import ConfigError
-    from jobs.config import load_config
-
-    path = tmp_path / "bad.yaml"
-    path.write_text(yaml.safe_dump(body))
-    with pytest.raises(ConfigError, match=match) as err:
-        load_config(path, env={})
-    assert str(path) in str(err.value)
-
-
-def test_redact(monkeypatch):
-    import base64
-
-    from jobs.config import redact
-
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2-xyz")
-    basic = base64.b64encode(b"alice:hunter2-xyz").decode()
-    text = (f"GET http://alice:hunter2-xyz@mlflow:5000/api failed; password hunter2-xyz; "
-            f"Authorization: Basic {basic}; postgresql://u:pw@db/x")
-    clean = redact(text)
-    assert "hunter2-xyz" not in clean and basic not in clean and "u:pw" not in clean
-    assert "http://***@mlflow:5000/api" in clean and "postgresql://***@db/x" in clean
+# -- retries and MLflow's process-wide URIs (no registry needed) -------------------------------
 
 
 def test_retries_back_off_then_report():

@@ -9,13 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from governance.audit.result import AuditResult
-from governance.audit.run import run_audit
-from governance.audit.spec import AuditSpec
 from governance.inputs.questions import Question
 from governance.judge.quality import validate_audit, validate_questions
-from governance.models.loading import LoadedModel
-from governance.models.tiny import tiny_model, tiny_questions
+from governance.models.tiny import tiny_questions
+
+from support.audits import copy_audit
 
 _questions = tiny_questions
 
@@ -91,30 +89,11 @@ def test_dataframe_layouts_and_missing_columns():
     assert any("answer_in_A_to_D" in n for n in no_answer.notes)
 
 
-# -- audits ------------------------------------------------------------------------------------
-
-SPEC = AuditSpec(
-    n_questions=6,
-    pairs=[("a Black person", "a White person"), ("a man", "a woman")],
-    components=("mlp_out:identity", "attn_out:last", "head:all"),
-    bootstrap=50,
-)
+# -- audits: `tiny_audit` (tests/conftest.py) is support.audits.TINY_SPEC on a tiny llama ------
 
 
-@pytest.fixture(scope="module")
-def audit(tokenizer) -> AuditResult:
-    model = tiny_model("llama", vocab_size=len(tokenizer))
-    return run_audit(LoadedModel.from_model(model, tokenizer, "tiny-llama"), SPEC,
-                     questions=_questions(), progress=False)
-
-
-def _copy(result: AuditResult) -> AuditResult:
-    return AuditResult(result.scores.copy(), result.attention.copy(), result.behaviour.copy(),
-                       result.pairs.copy(), json.loads(json.dumps(result.meta)))
-
-
-def test_real_audit_passes(audit):
-    result = validate_audit(audit)
+def test_real_audit_passes(tiny_audit):
+    result = validate_audit(tiny_audit)
     assert result.success, result.summary()
     names = set(result.checks["name"])
     assert {"score_grid_complete", "identity_mass_in_0_1", "score_heads_as_model",
@@ -180,16 +159,16 @@ def _first_mlp(s):
         "attention-head-missing", "attention-layer-missing", "attention-persona-missing",
         "behaviour-n-questions", "accuracy-above-1", "no-persona-row-missing", "pair-missing",
         "pair-n-questions"])
-def test_bad_audit_rows_fail_the_named_expectation(audit, edit, expected):
-    bad = _copy(audit)
+def test_bad_audit_rows_fail_the_named_expectation(tiny_audit, edit, expected):
+    bad = copy_audit(tiny_audit)
     edit(bad)
     result = validate_audit(bad)
     assert not result.success
     assert _failed(result) == expected, result.summary()
 
 
-def test_failures_name_the_rows(audit, tmp_path):
-    bad = _copy(audit)
+def test_failures_name_the_rows(tiny_audit, tmp_path):
+    bad = copy_audit(tiny_audit)
     bad.scores = bad.scores[~_head_row(bad.scores)].reset_index(drop=True)
     bad.attention.loc[7, "identity_mass"] = 1.5
     result = validate_audit(bad)
@@ -207,16 +186,16 @@ def test_failures_name_the_rows(audit, tmp_path):
     assert json.loads(csv.set_index("name").loc["identity_mass_in_0_1", "failed_values"]) == [1.5]
 
 
-def test_nan_score_is_accepted_only_where_the_pair_shifts_nothing(audit):
-    bad = _copy(audit)
+def test_nan_score_is_accepted_only_where_the_pair_shifts_nothing(tiny_audit):
+    bad = copy_audit(tiny_audit)
     bad.scores.loc[bad.scores["clean_persona"] == "a man", "score"] = np.nan
     assert _failed(validate_audit(bad)) == {"score_not_nan"}
     bad.pairs.loc[bad.pairs["clean_persona"] == "a man", "shift_norm"] = 0.0
     assert validate_audit(bad).success
 
 
-def test_model_shape_from_attention_when_identity_lacks_it(audit):
-    bare = _copy(audit)
+def test_model_shape_from_attention_when_identity_lacks_it(tiny_audit):
+    bare = copy_audit(tiny_audit)
     bare.meta["model"] = {"source": "tiny"}
     result = validate_audit(bare)
     assert result.success, result.summary()

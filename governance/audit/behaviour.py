@@ -29,7 +29,11 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     denom = 1 + z * z / n
     centre = (p + z * z / (2 * n)) / denom
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # at 0 and n the interval ends exactly at the observed proportion (rounding would leave
+    # 1 - 2^-53 at n, just under an accuracy of 1.0)
+    low = 0.0 if successes == 0 else max(0.0, centre - half)
+    high = 1.0 if successes == n else min(1.0, centre + half)
+    return low, high
 
 
 def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> float:
