@@ -68,6 +68,26 @@ def replace_dir(out: str | Path, write: Callable[[Path], Any]) -> Path:
     return out
 
 
+def check_replaceable(out: str | Path, marker: str, what: str) -> Path:
+    """Refuse an output directory that holds anything but an earlier output of ours: `out`
+    may be new, empty, or hold `marker` (the file every `what` writes). Never the working
+    directory or one above it. Returns `out`; raises ConfigError otherwise."""
+    out = Path(out)
+    here = Path.cwd().resolve()
+    if out.resolve() == here or out.resolve() in here.parents:
+        raise ConfigError(f"output directory {out} is the working directory or one above it: "
+                          f"choose a new directory for the {what}")
+    if not out.exists():
+        return out
+    if not out.is_dir():
+        raise ConfigError(f"output directory {out} is a file: choose a new directory for the "
+                          f"{what}")
+    if (out / marker).is_file() or not any(out.iterdir()):
+        return out
+    raise ConfigError(f"output directory {out} holds files that are not an earlier {what} "
+                      f"(it has no {marker}); refusing to replace them: choose a new directory")
+
+
 def move_into(files: dict[str, Path], out: str | Path) -> dict[str, Path]:
     """Move each built file into directory `out` (one rename each), returning the new paths."""
     out = Path(out)

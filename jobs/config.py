@@ -19,6 +19,7 @@ import base64
 import logging
 import os
 import re
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -88,12 +89,26 @@ class AuditOptions(_Strict):
         None, gt=0, description="patched prompts per forward; None = 32 on a CPU, sized to "
         "free memory on a GPU"
     )
-    trust_remote_code: bool = False
+    trusted_models: list[str] = Field(
+        default_factory=list, description="registered model names (globs) whose custom code "
+        "and pickle weights may be loaded; every other model is loaded as config, "
+        "safetensors weights and tokenizer files only")
+    isolation: Literal["process", "inline"] = Field(
+        "process", description="process: each audit in a child process under timeout_s, so "
+        "a crash, out-of-memory or hang of one version cannot stop the pass; inline: in the "
+        "nightly's own process (no time limit)")
+    timeout_s: float | None = Field(
+        6 * 3600.0, gt=0, description="per-version time limit with isolation: process; the "
+        "audit is killed and recorded `error: timed out after N s`; None = no limit")
     torch_threads: int | None = Field(
         None, gt=0, description="CPU threads for torch during an audit; None = torch's default"
     )
     system_metrics: bool = True
     system_metrics_interval_s: float = Field(5.0, gt=0)
+
+    def trusts(self, model_name: str) -> bool:
+        """Whether the config trusts this registered model's own code and pickle weights."""
+        return any(fnmatchcase(model_name, glob) for glob in self.trusted_models)
 
 
 class LeaseOptions(_Strict):

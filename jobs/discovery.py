@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from governance.tracking.runs import quote
+from governance.tracking.runs import equals, exactly
 from jobs.config import Aliases, Latest, ModelSelector, NightlyConfig, Versions
 
 if TYPE_CHECKING:
@@ -69,8 +69,8 @@ def all_versions(client: MlflowClient, name: str) -> list[ModelVersion]:
     """Every READY version of `name`, newest version number first."""
     out, token = [], None
     while True:
-        page = client.search_model_versions(f"name = {quote(name)}", page_token=token)
-        out.extend(page)
+        page = client.search_model_versions(equals("name", name), page_token=token)
+        out.extend(mv for mv in page if mv.name == name)
         token = page.token
         if not token:
             break
@@ -79,11 +79,11 @@ def all_versions(client: MlflowClient, name: str) -> list[ModelVersion]:
 
 
 def _models_by_tags(client: MlflowClient, tags: dict[str, str]) -> list[str]:
-    flt = " and ".join(f"tags.`{k}` = {quote(v)}" for k, v in tags.items())
+    flt = " and ".join(equals(f"tags.`{k}`", v) for k, v in tags.items())
     names, token = [], None
     while True:
         page = client.search_registered_models(flt, max_results=100, page_token=token)
-        names.extend(rm.name for rm in page)
+        names.extend(rm.name for rm in page if exactly(rm.tags or {}, tags))
         token = page.token
         if not token:
             break
@@ -149,7 +149,12 @@ def discover(
                 resolved += [(n, sel.versions) for n in _models_by_tags(client, sel.tags or {})]
     targets: dict[tuple[str, str], Target] = {}
     for name, versions in resolved:
-        found, bad = _versions_of(client, name, versions)
+        try:
+            found, bad = _versions_of(client, name, versions)
+        except Exception as exc:  # one unreadable model never stops the others
+            problems.append(Problem(name, None, f"the versions of {name!r} cannot be listed: "
+                                    f"{type(exc).__name__}: {exc}"))
+            continue
         problems.extend(bad)
         for t in found:
             key = (t.name, t.version)

@@ -1,13 +1,17 @@
-"""The deployment gate: may this model version ship, by its latest completed audit?
+"""The deployment gate: may this model version ship, by its current audit?
 
     result = gate(load_config("nightly.yaml"), "my-llm", alias="champion")
     print(result.reason); sys.exit(result.code)
 
-Exit codes: 0 the latest completed audit of the version passed under the current policy;
-1 it failed, or warned while `gate.warn_fails` is true (the default); 2 there is no valid
-audit to judge by (unknown version or alias, no audit yet, or audits only under another
-policy: run `persona-gov nightly --once --model NAME`). The audit runs are the source of
-truth; the version's `persona_audit.*` tags are a copy for people.
+The gate judges only the *latest attempt* to audit the version under the current spec hash,
+policy hash and toolkit version, and only if that attempt completed. Exit codes: 0 it
+passed (or warned, with `--warn-passes`); 1 it failed; 3 it warned while `gate.warn_fails`
+is true (the default); 2 there is nothing valid to judge by, with the reason: an unknown
+version or alias, no audit yet, audits only under another spec, policy or toolkit version,
+or a newer attempt that errored or is still running. The policy is chosen from the config
+and the registered model's tags, never from the version's own tags (written by whoever
+registered it). The audit runs are the source of truth; the version's `persona_audit.*`
+tags are a copy for people.
 """
 
 from __future__ import annotations
@@ -30,9 +34,11 @@ class GateResult:
 
 def gate(config: NightlyConfig, model: str, *, version: str | None = None,
          alias: str | None = None, warn_fails: bool | None = None) -> GateResult:
-    """Judge one model version (by number or alias) by its latest completed audit."""
+    """Judge one model version (by number or alias) by its current audit."""
+    from governance import __version__
     from governance.tracking import runs as tr
     from jobs.connection import connect
+    from jobs.spec import load_spec
     from jobs.verdict import PolicyUnavailable, load_policies, pick_policy
 
     if (version is None) == (alias is None):
@@ -49,32 +55,46 @@ def gate(config: NightlyConfig, model: str, *, version: str | None = None,
     version = str(mv.version)
     label = f"{model} v{version}" + (f" (@{alias})" if alias else "")
     tags = dict(client.get_registered_model(model).tags or {})
-    tags.update(mv.tags or {})
     try:
         policy = pick_policy(load_policies(config.policy_paths()), model, tags)
     except PolicyUnavailable as exc:
         return GateResult(NO_AUDIT, f"NO AUDIT: cannot judge {label}: {exc}")
+    _, _, spec_sha = load_spec(config)
     exp = client.get_experiment_by_name(config.experiment)
     if exp is None:
         return GateResult(NO_AUDIT, f"NO AUDIT: experiment {config.experiment!r} does not exist "
                                     f"in {tr_uri(config)}: {label} was never audited")
-    run = tr.find_audit_run(client, [exp.experiment_id], model, version,
-                            policy_sha256=policy.sha256)
-    if run is None:
-        other = tr.find_audit_run(client, [exp.experiment_id], model, version)
-        if other is None:
-            why = "it has no completed audit"
+    wanted = {tr.T_SPEC: spec_sha, tr.T_POLICY: policy.sha256, tr.T_TOOLKIT: __version__}
+    attempts = tr.audit_runs(client, [exp.experiment_id], model, version)
+    current = [r for r in attempts if tr.exactly(r.data.tags, wanted)]
+    rerun = f"; run `persona-gov nightly --once --model {model}`"
+    if not current:
+        if not attempts:
+            why = "it has never been audited"
         else:
-            why = (f"its latest completed audit (run {other.info.run_id}) was judged under "
-                   f"policy {other.data.tags.get(tr.T_POLICY, '?')[:12]}, not the current "
-                   f"{policy.name!r} ({policy.sha256[:12]})")
-        return GateResult(NO_AUDIT, f"NO AUDIT: {label}: {why}; run `persona-gov nightly "
-                                    f"--once --model {model}` first")
+            latest = attempts[0].data.tags
+            changed = [name for name, tag in (("spec", tr.T_SPEC), ("policy", tr.T_POLICY),
+                                              ("toolkit version", tr.T_TOOLKIT))
+                       if latest.get(tag) != wanted[tag]]
+            why = (f"its latest audit (run {attempts[0].info.run_id}) ran under another "
+                   f"{', '.join(changed)} than the current (policy {policy.name!r} "
+                   f"{policy.sha256[:12]}, spec {spec_sha[:12]}, toolkit {__version__}); "
+                   "it was judged under policy "
+                   f"{latest.get(tr.T_POLICY, '?')[:12]}")
+        return GateResult(NO_AUDIT, f"NO AUDIT: {label}: {why}{rerun}")
+    run = current[0]
     t = run.data.tags
+    if t.get(tr.T_STATE) != "completed" or run.info.status != "FINISHED":
+        state = t.get(tr.T_STATE) or run.info.status.lower()
+        why = t.get(tr.T_REASON) or t.get(tr.T_SUMMARY) or ""
+        return GateResult(NO_AUDIT, f"NO AUDIT: {label}: the latest attempt under the current "
+                                    f"spec, policy and toolkit (run {run.info.run_id}) is "
+                                    f"{state}, not completed" + (f": {why}" if why else "")
+                                    + rerun, t.get(tr.T_STATUS), run.info.run_id)
     status = t.get(tr.T_STATUS, "?")
     detail = (f"{label}: audit run {run.info.run_id} (policy {policy.name!r} "
-              f"{policy.sha256[:12]}, spec {t.get(tr.T_SPEC, '?')[:12]}, toolkit "
-              f"{t.get(tr.T_TOOLKIT, '?')}): {t.get(tr.T_SUMMARY, '')}")
+              f"{policy.sha256[:12]}, spec {spec_sha[:12]}, toolkit {__version__}): "
+              f"{t.get(tr.T_SUMMARY, '')}")
     if status == "pass":
         return GateResult(PASS, f"PASS: {detail}", status, run.info.run_id)
     if status == "warn":

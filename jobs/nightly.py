@@ -38,6 +38,7 @@ from jobs.config import (
     redact,
 )
 from jobs.connection import TrackingUnavailable, connect, mlflow_uris, probe, with_retries
+from jobs.isolation import AuditJob, audit_in_child
 from jobs.spec import load_spec
 
 if TYPE_CHECKING:
@@ -183,11 +184,9 @@ def _still_reachable(config: NightlyConfig) -> bool:
 
 
 def _model_tags(client: MlflowClient, target: Target) -> dict[str, str]:
-    """Registered-model tags overlaid by the version's own (what a policy's applies_to
-    matches)."""
-    tags = dict(client.get_registered_model(target.name).tags or {})
-    tags.update(client.get_model_version(target.name, target.version).tags or {})
-    return tags
+    """The registered model's tags: what a policy's `applies_to` matches. A version's own tags
+    are written by whoever registered it, the audited party, so they never choose a policy."""
+    return dict(client.get_registered_model(target.name).tags or {})
 
 
 def _one_version(ctx: _Context, leases: Any, target: Target, force: bool) -> Outcome:
@@ -227,9 +226,9 @@ def _audit_version(ctx: _Context, target: Target, policy: PolicyRef, tags: dict[
     cfg = ctx.config
     run_tags = {
         tr.T_MODEL: target.name, tr.T_VERSION: target.version, tr.T_SPEC: ctx.spec_sha,
-        tr.T_POLICY: policy.sha256, tr.T_TOOLKIT: ctx.toolkit,
+        tr.T_POLICY: policy.sha256, tr.T_POLICY_NAME: policy.name, tr.T_TOOLKIT: ctx.toolkit,
         tr.T_KEY: tr.audit_key(ctx.spec_sha, policy.sha256, ctx.toolkit),
-        tr.PREFIX + "policy_name": policy.name, "mlflow.source.name": "persona-gov nightly",
+        "mlflow.source.name": "persona-gov nightly",
         "mlflow.source.type": "JOB",
     }
     if target.model_id:
@@ -244,7 +243,7 @@ def _audit_version(ctx: _Context, target: Target, policy: PolicyRef, tags: dict[
         with tempfile.TemporaryDirectory(prefix="persona-gov-nightly-") as tmp:
             work = Path(tmp)
             with _system_metrics(cfg, run_id):
-                result = _run_audit(ctx, target)
+                result = _run_audit(ctx, target, work)
                 _check_quality(ctx, run_id, result, work / "quality")
                 tr.log_audit(ctx.client, run_id, result, spec_text=ctx.spec_text,
                              policy_text=policy.text, policy_resolved=policy.resolved(),
@@ -266,7 +265,8 @@ def _audit_version(ctx: _Context, target: Target, policy: PolicyRef, tags: dict[
                            "the run is complete but no approval record was written", run_id)
         record_approval(ctx.client, target.name, target.version, status=decision.status,
                            run_id=run_id, spec_sha256=ctx.spec_sha,
-                           policy_sha256=policy.sha256, summary=summary)
+                           policy_sha256=policy.sha256, policy_name=policy.name,
+                           summary=summary)
         return Outcome(target.name, target.version, decision.status, tr.one_line(summary),
                        run_id)
     except BaseException as exc:  # noqa: BLE001 - recorded as error, re-raised if fatal
@@ -280,18 +280,30 @@ def _audit_version(ctx: _Context, target: Target, policy: PolicyRef, tags: dict[
         return Outcome(target.name, target.version, "error", reason, run_id)
 
 
-def _run_audit(ctx: _Context, target: Target) -> AuditResult:
+def _run_audit(ctx: _Context, target: Target, work: Path) -> AuditResult:
+    """Load and audit one version: in a child process under the time limit (the default),
+    or inline. Only models the config trusts by name may bring their own code."""
     from governance.audit.run import run_audit
     from governance.models.loading import load_model
 
     opts = ctx.config.audit
-    with mlflow_uris(ctx.config):
-        loaded = load_model(target.uri, device=opts.device, dtype=opts.dtype,
-                            trust_remote_code=opts.trust_remote_code)
-    loaded.identity["registered_name"] = target.name
-    loaded.identity["registered_version"] = target.version
-    with _torch_threads(opts.torch_threads):
-        result = run_audit(loaded, ctx.spec, chunk_rows=opts.chunk_rows, progress=False)
+    trusted = opts.trusts(target.name)
+    if opts.isolation == "process":
+        job = AuditJob(
+            model_uri=target.uri, spec=ctx.spec.model_dump(mode="json"),
+            tracking_uri=ctx.config.tracking_uri, registry_uri=ctx.config.registry_uri,
+            device=opts.device, dtype=opts.dtype, chunk_rows=opts.chunk_rows,
+            torch_threads=opts.torch_threads, trust_remote_code=trusted, allow_pickle=trusted,
+            registered_name=target.name, registered_version=target.version)
+        result = audit_in_child(job, timeout_s=opts.timeout_s, work_dir=work / "child")
+    else:
+        with mlflow_uris(ctx.config):
+            loaded = load_model(target.uri, device=opts.device, dtype=opts.dtype,
+                                trust_remote_code=trusted)
+        loaded.identity["registered_name"] = target.name
+        loaded.identity["registered_version"] = target.version
+        with _torch_threads(opts.torch_threads):
+            result = run_audit(loaded, ctx.spec, chunk_rows=opts.chunk_rows, progress=False)
     got = result.meta.get("spec_sha256")
     if got != ctx.spec_sha:
         raise GovernanceError(
@@ -384,7 +396,8 @@ def _record_error(ctx: _Context, target: Target, policy: PolicyRef, run_id: str,
     try:
         record_approval(ctx.client, target.name, target.version, status="error",
                            run_id=run_id, spec_sha256=ctx.spec_sha,
-                           policy_sha256=policy.sha256, summary=f"error: {reason}")
+                           policy_sha256=policy.sha256, policy_name=policy.name,
+                           summary=f"error: {reason}")
     except Exception as exc:
         log.error("could not record the error on %s: %s", target.label, redact(exc))
 

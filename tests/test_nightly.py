@@ -21,7 +21,7 @@ import yaml
 
 from jobs.cli.main import main
 
-from support.nightly import ENABLED, LENIENT, SPEC, write_setup
+from support.nightly import ENABLED, LENIENT, SPEC, log_tiny, register, write_setup
 
 HUMAN_NOTE = "Owner: team llm-platform. Do not delete."
 
@@ -33,41 +33,6 @@ def _env(**extra: str) -> dict[str, str]:
                OMP_NUM_THREADS="1")  # tiny models on a shared 2-core host
     env.update(extra)
     return env
-
-
-def log_tiny(tokenizer, experiment_id: str, seed: int) -> str:
-    """Log a tiny random llama with mlflow.transformers; returns its models:/m-<id> URI."""
-    import mlflow
-
-    from governance.models.tiny import tiny_model
-
-    model = tiny_model("llama", vocab_size=len(tokenizer), seed=seed)
-    with mlflow.start_run(experiment_id=experiment_id):
-        info = mlflow.transformers.log_model(
-            transformers_model={"model": model, "tokenizer": tokenizer}, name="model",
-            task="text-generation",  # offline, MLflow cannot infer it from the hub
-            pip_requirements=["torch", "transformers"],
-        )
-    return f"models:/{info.model_id}"
-
-
-def register(client, name: str, source: str, tags: dict | None = None) -> str:
-    """Register the logged model at `source` (models:/m-<id>) as a new version of `name`."""
-    import mlflow
-
-    try:
-        client.create_registered_model(name, tags=tags)
-    except mlflow.exceptions.MlflowException:
-        pass
-    model_id = source.removeprefix("models:/")
-    run_id = client.get_logged_model(model_id).source_run_id
-    before = mlflow.get_tracking_uri() if os.environ.get("MLFLOW_TRACKING_URI") else None
-    mlflow.set_tracking_uri(client.tracking_uri)  # the registry resolves `source` through it
-    try:
-        mv = client.create_model_version(name, source, run_id=run_id, model_id=model_id)
-    finally:
-        mlflow.set_tracking_uri(before)
-    return str(mv.version)
 
 
 @pytest.fixture(scope="module")
@@ -256,8 +221,8 @@ def test_force_audits_again(registry, capsys):
     (["--model", "tiny-a", "--version", "1"], 3, "WARN"),
     (["--model", "tiny-a", "--version", "1", "--warn-passes"], 0, "WARN"),
     (["--model", "tiny-b", "--version", "1"], 1, "FAIL"),
-    (["--model", "broken", "--version", "1"], 2, "no completed audit"),
-    (["--model", "ignored", "--version", "1"], 2, "no completed audit"),
+    (["--model", "broken", "--version", "1"], 2, "is error, not completed"),
+    (["--model", "ignored", "--version", "1"], 2, "never been audited"),
     (["--model", "tiny-a", "--version", "9"], 2, "not found"),
     (["--model", "tiny-a", "--alias", "nope"], 2, "not found"),
 ])
@@ -277,6 +242,42 @@ def test_gate_needs_an_audit_under_the_current_policy(registry, tmp_path, capsys
     assert main(["gate", "--config", str(tmp_path / "nightly.yaml"), "--model", "tiny-a",
                  "--version", "2"]) == 2
     assert "judged under policy" in capsys.readouterr().err
+
+
+def test_gate_needs_an_audit_under_the_current_spec(registry, tmp_path, capsys):
+    """A pass under yesterday's spec does not pass today's gate (spec hash changed)."""
+    cfg = yaml.safe_load(registry["config"].read_text())
+    cfg["spec"] = {**cfg["spec"], "questions": str(registry["root"] / "questions.jsonl"),
+                   "n_questions": 3}
+    (tmp_path / "nightly.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["gate", "--config", str(tmp_path / "nightly.yaml"), "--model", "tiny-a",
+                 "--version", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "ran under another spec than the current" in err and "policy" not in err.split(
+        "another ")[1].split(" than")[0]
+
+
+def test_gate_refuses_when_a_newer_attempt_failed(registry, capsys):
+    """A completed pass followed by a newer attempt that errored: the gate does not answer
+    from the older pass."""
+    from governance.tracking import runs as tr
+
+    client = registry["client"]
+    assert main(["gate", "--config", str(registry["config"]), "--model", "tiny-a",
+                 "--version", "2"]) == 0
+    passed = audit_runs(client, "tiny-a", "2", "completed")[-1]
+    keep = (tr.T_MODEL, tr.T_VERSION, tr.T_SPEC, tr.T_POLICY, tr.T_TOOLKIT)
+    tags = {k: passed.data.tags[k] for k in keep}
+    exp = client.get_experiment_by_name("persona-audits").experiment_id
+    newer = tr.start_audit_run(client, exp, tags)
+    tr.finish_audit_run(client, newer, "error", "error: crashed", reason="crashed")
+    try:
+        assert main(["gate", "--config", str(registry["config"]), "--model", "tiny-a",
+                     "--version", "2"]) == 2
+        err = capsys.readouterr().err
+        assert f"(run {newer}) is error, not completed: crashed" in err
+    finally:
+        client.delete_run(newer)  # the other tests see the registry as the pass left it
 
 
 def test_lease_held_elsewhere_skips_the_version(registry, capsys):

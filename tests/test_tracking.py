@@ -66,10 +66,16 @@ def test_metric_key_length_capped():
     assert len(tr.metric_key("a" * 300, "b")) == 250
 
 
-def test_quote_for_filters():
-    assert tr.quote("tiny") == "'tiny'" and tr.quote("o'brien") == '"o\'brien"'
-    with pytest.raises(ValueError, match="both quote characters"):
-        tr.quote("""a'b"c""")
+@pytest.mark.parametrize("value", ["tiny", "o'brien", 'say "hi"', """a'b"c""", "50%_off"])
+def test_filters_match_exactly_whatever_the_quotes(client, experiment, value):
+    """MLflow's filters have no escape character: a value with quotes is matched by LIKE and
+    kept only on an exact match, so a look-alike name never stands in for it."""
+    twin = value.replace("'", "x").replace('"', "x").replace("%", "x")
+    for name in (value, twin):
+        run = tr.start_audit_run(client, experiment, {tr.T_MODEL: name, tr.T_VERSION: "1"})
+        tr.finish_audit_run(client, run, "pass", "PASS")
+    found = tr.audit_runs(client, [experiment], value, "1")
+    assert found and {r.data.tags[tr.T_MODEL] for r in found} == {value}
 
 
 def test_curves_and_summaries(result):

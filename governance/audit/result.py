@@ -17,6 +17,7 @@ import pandas as pd
 
 from governance.audit.spec import AuditSpec
 from governance.errors import ConfigError
+from governance.files import check_replaceable, replace_dir
 
 SCORE_COLUMNS = [
     "component", "layer", "head", "positions", "category", "clean_persona", "corrupt_persona",
@@ -52,9 +53,13 @@ class AuditResult:
     TABLES = ("scores", "attention", "behaviour", "pairs")
 
     def save(self, out_dir: str | Path) -> Path:
-        """Write scores/attention/behaviour/pairs CSVs, audit.json and prompts.jsonl."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        """Write scores/attention/behaviour/pairs CSVs (and screen.csv), audit.json and
+        prompts.jsonl to `out_dir`: a new or empty directory, or an earlier audit's, which is
+        replaced as a whole (no stale table stays). Any other directory is refused."""
+        out = check_replaceable(out_dir, "audit.json", "audit")
+        return replace_dir(out, self._write)
+
+    def _write(self, out: Path) -> None:
         for name in self.TABLES:
             getattr(self, name).to_csv(out / f"{name}.csv", index=False)
         if not self.screen.empty:
@@ -63,7 +68,6 @@ class AuditResult:
         with (out / "prompts.jsonl").open("w") as fh:
             for record in self.prompts:
                 fh.write(json.dumps(record) + "\n")
-        return out
 
     @classmethod
     def load(cls, out_dir: str | Path) -> AuditResult:

@@ -6,22 +6,30 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from governance.errors import DriftError
 
-if TYPE_CHECKING:
-    pass
+# characters a column label may carry into Evidently's page as they are; every other one is
+# percent-escaped, so no catalogue or model string can open a tag or close a script block
+_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 _:./=+-")
 
+
+def safe_label(name: str) -> str:
+    """`name` with every character outside a small safe set percent-escaped ('<' -> '%3C').
+    Evidently writes column names into a script block of its HTML page unescaped."""
+    return "".join(c if c in _SAFE else "".join(f"%{b:02X}" for b in c.encode())
+                   for c in str(name))
 
 
 def evidently_drift(current: pd.DataFrame, reference: pd.DataFrame, out_dir: Path, method: str,
-               threshold: float) -> tuple[float, dict[str, float], dict[str, Path]]:
+                    threshold: float) -> tuple[float, dict[str, float], dict[str, Path]]:
     """Run Evidently's DataDriftPreset over the shared, not-all-empty columns; save HTML +
-    JSON. Returns (share of drifted columns, distance per column, files)."""
+    JSON. Returns (share of drifted columns, distance per column, files). Column labels reach
+    Evidently escaped (`safe_label`); the distances come back under the original names."""
     from evidently import DataDefinition, Dataset, Report
     from evidently.presets import DataDriftPreset
 
@@ -31,6 +39,10 @@ def evidently_drift(current: pd.DataFrame, reference: pd.DataFrame, out_dir: Pat
     if not columns:
         raise DriftError("no column of the current and baseline audits has values on both "
                          "sides: nothing to compare")
+    labels = {safe_label(c): c for c in columns}
+    current = current[columns].set_axis(list(labels), axis=1)
+    reference = reference[columns].set_axis(list(labels), axis=1)
+    columns = list(labels)
     definition = DataDefinition(numerical_columns=columns)
     # Evidently's histogram binning fails on a column whose values differ only in the last
     # float bits ("Too many bins for data range"); 1e-6 is far below any score that matters.
@@ -53,7 +65,7 @@ def evidently_drift(current: pd.DataFrame, reference: pd.DataFrame, out_dir: Pat
         if kind.endswith("DriftedColumnsCount"):
             share = float(metric["value"]["share"])
         elif kind.endswith("ValueDrift") and metric["value"] is not None:
-            distances[metric["config"]["column"]] = float(metric["value"])
+            distances[labels[metric["config"]["column"]]] = float(metric["value"])
     if share is None:
         raise DriftError("Evidently's drift report has no DriftedColumnsCount metric")
     return share, distances, files
@@ -65,7 +77,7 @@ def is_drift(method: str, value: float, threshold: float) -> bool:
 
 
 def table_summaries(distances: dict[str, float], method: str,
-                     threshold: float) -> dict[str, dict[str, Any]]:
+                    threshold: float) -> dict[str, dict[str, Any]]:
     """Evidently's per-column values grouped by table ('layers/...', 'heads/...')."""
     tables: dict[str, dict[str, Any]] = {}
     for column, value in distances.items():

@@ -3,13 +3,17 @@ the version's description, written after the audit run is complete."""
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING
 
 from governance.tracking.runs import (
     MAX_TAG,
+    PREFIX,
     STATUSES,
     V_COMPLETED,
     V_POLICY,
+    V_POLICY_NAME,
+    V_RECORD,
     V_RUN,
     V_SPEC,
     V_STATUS,
@@ -25,6 +29,11 @@ if TYPE_CHECKING:
 # -- the approval record --------------------------------------------------------------------
 
 
+MAX_DESCRIPTION = 5000  # MLflow's limit of a model version's description
+MAX_ENTRIES = 20  # audit lines kept in the description; every audit stays in its run
+ENTRY_PREFIX = "[persona audit "
+
+
 def record_approval(
     client: MlflowClient,
     name: str,
@@ -35,20 +44,49 @@ def record_approval(
     spec_sha256: str,
     policy_sha256: str,
     summary: str,
+    policy_name: str | None = None,
     completed_at: str | None = None,
 ) -> None:
-    """Tag the model version with the audit outcome and append one line to its description
-    (what a person wrote there stays). Call only after the run is finished."""
+    """Write the approval record on the model version: first `persona_audit.record`, one tag
+    holding the whole record as JSON (a single write, so a crash leaves the old complete
+    record or the new one), then the per-field `persona_audit.*` tags, then one line in the
+    description (what a person wrote there stays; only the newest `MAX_ENTRIES` audit lines
+    are kept, within MLflow's length limit). Call only after the run is finished."""
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
     completed_at = completed_at or utc_now()
     line = one_line(summary)
-    for key, value in ((V_STATUS, status), (V_RUN, run_id), (V_SPEC, spec_sha256),
-                       (V_POLICY, policy_sha256), (V_COMPLETED, completed_at),
-                       (V_SUMMARY, line)):
+    fields = {V_STATUS: status, V_RUN: run_id, V_SPEC: spec_sha256, V_POLICY: policy_sha256,
+              V_POLICY_NAME: policy_name or "", V_COMPLETED: completed_at, V_SUMMARY: line}
+    record = {k.removeprefix(PREFIX): v for k, v in fields.items()}
+    body = json.dumps(record, sort_keys=True)
+    if len(body) > MAX_TAG:  # only the summary can be long
+        record["summary"] = line[: max(0, len(line) - (len(body) - MAX_TAG) - 3)] + "..."
+        body = json.dumps(record, sort_keys=True)
+    client.set_model_version_tag(name, version, V_RECORD, body)
+    for key, value in fields.items():
         client.set_model_version_tag(name, version, key, value[:MAX_TAG])
+    policy = f"policy {policy_name!r} {policy_sha256[:12]}" if policy_name else (
+        f"policy {policy_sha256[:12]}")
+    entry = (f"{ENTRY_PREFIX}{completed_at}] {status.upper()}: {line} "
+             f"(run {run_id}, {policy}, spec {spec_sha256[:12]})")
     current = client.get_model_version(name, version).description or ""
-    entry = (f"[persona audit {completed_at}] {status.upper()}: {line} "
-             f"(run {run_id}, spec {spec_sha256[:12]}, policy {policy_sha256[:12]})")
-    text = f"{current.rstrip()}\n\n{entry}" if current.strip() else entry
-    client.update_model_version(name, version, description=text)
+    text = with_entry(current, entry)
+    if text is not None:
+        client.update_model_version(name, version, description=text)
+
+
+def with_entry(description: str, entry: str) -> str | None:
+    """`description` with `entry` added after its audit lines: the person's text first and
+    untouched, then the newest audit lines (at most `MAX_ENTRIES`, oldest dropped first),
+    the whole within `MAX_DESCRIPTION` characters. None when the person's text leaves no room
+    for the entry (their text is never shortened)."""
+    blocks = [b.rstrip() for b in description.split("\n\n") if b.strip()]
+    person = "\n\n".join(b for b in blocks if not b.startswith(ENTRY_PREFIX))
+    entries = [*(b for b in blocks if b.startswith(ENTRY_PREFIX)), entry][-MAX_ENTRIES:]
+    room = MAX_DESCRIPTION - (len(person) + 2 if person else 0)
+    while entries and len("\n\n".join(entries)) > room:
+        entries.pop(0)
+    if not entries:
+        return None
+    return "\n\n".join([person, *entries] if person else entries)

@@ -49,6 +49,7 @@ T_VERSION = PREFIX + "model_version"
 T_MODEL_ID = PREFIX + "model_id"
 T_SPEC = PREFIX + "spec_sha256"
 T_POLICY = PREFIX + "policy_sha256"
+T_POLICY_NAME = PREFIX + "policy_name"
 T_TOOLKIT = PREFIX + "toolkit_version"
 T_KEY = PREFIX + "key"
 T_STATE = PREFIX + "state"  # running | completed | error
@@ -56,9 +57,9 @@ T_STATUS = PREFIX + "status"  # pass | warn | fail | error
 T_SUMMARY = PREFIX + "summary"
 T_REASON = PREFIX + "reason"
 # model-version tags (the approval record)
-V_STATUS, V_RUN, V_SPEC, V_POLICY, V_COMPLETED, V_SUMMARY = (
-    PREFIX + k for k in ("status", "run_id", "spec_sha256", "policy_sha256", "completed_at",
-                         "summary")
+V_STATUS, V_RUN, V_SPEC, V_POLICY, V_POLICY_NAME, V_COMPLETED, V_SUMMARY, V_RECORD = (
+    PREFIX + k for k in ("status", "run_id", "spec_sha256", "policy_sha256", "policy_name",
+                         "completed_at", "summary", "record")
 )
 STATUSES = ("pass", "warn", "fail", "error")
 MAX_BATCH = 1000  # MLflow's limit of metrics per log_batch
@@ -82,15 +83,19 @@ def metric_key(*parts: Any) -> str:
     return ".".join(sanitise(p).replace("/", "_") for p in parts)[:250]
 
 
-def quote(value: str) -> str:
-    """A string literal for an MLflow filter expression (MLflow has no escape character:
-    a value with a single quote goes in double quotes)."""
+def equals(field: str, value: Any) -> str:
+    """A filter clause `field = 'value'`. MLflow's filter strings have no escape character,
+    so a value holding a quote is matched with LIKE, each quote a one-character wildcard:
+    callers keep only the exact matches (`exactly`)."""
     text = str(value)
     if "'" not in text:
-        return f"'{text}'"
-    if '"' not in text:
-        return f'"{text}"'
-    raise ValueError(f"{text!r} holds both quote characters: MLflow filters cannot match it")
+        return f"{field} = '{text}'"
+    return f"{field} LIKE '{text.replace(chr(39), '_').replace(chr(34), '_')}'"
+
+
+def exactly(tags: Mapping[str, str], wanted: Mapping[str, Any]) -> bool:
+    """Whether `tags` hold every wanted value exactly (after an `equals` LIKE match)."""
+    return all(tags.get(k) == str(v) for k, v in wanted.items())
 
 
 def audit_key(spec_sha256: str, policy_sha256: str, toolkit_version: str) -> str:
@@ -333,6 +338,34 @@ def finish_audit_run(client: MlflowClient, run_id: str, status: str, summary: st
     client.set_terminated(run_id, "FAILED" if status == "error" else "FINISHED")
 
 
+def audit_runs(
+    client: MlflowClient,
+    experiment_ids: list[str],
+    model_name: str,
+    version: str,
+    *,
+    completed: bool = False,
+    max_results: int = 50,
+    **hashes: str | None,
+) -> list[Run]:
+    """The audit runs of a model version, newest first: every attempt (running, completed or
+    error), or only completed ones; `hashes` (spec_sha256=, policy_sha256=,
+    toolkit_version=) narrow them to one spec, policy or toolkit version."""
+    wanted: dict[str, Any] = {T_MODEL: model_name, T_VERSION: version}
+    names = {"spec_sha256": T_SPEC, "policy_sha256": T_POLICY, "toolkit_version": T_TOOLKIT}
+    for key, value in hashes.items():
+        if key not in names:
+            raise TypeError(f"unknown audit hash {key!r}; expected one of {sorted(names)}")
+        if value is not None:
+            wanted[names[key]] = value
+    clauses = [equals(f"tags.`{tag}`", value) for tag, value in wanted.items()]
+    if completed:
+        clauses += [f"tags.`{T_STATE}` = 'completed'", "attributes.status = 'FINISHED'"]
+    runs = client.search_runs(experiment_ids, " and ".join(clauses), max_results=max_results,
+                              order_by=["attributes.start_time DESC"])
+    return [r for r in runs if exactly(r.data.tags, wanted)]
+
+
 def find_audit_run(
     client: MlflowClient,
     experiment_ids: list[str],
@@ -345,22 +378,10 @@ def find_audit_run(
     exclude_run_id: str | None = None,
 ) -> Run | None:
     """The newest completed audit run of a model version, optionally under given hashes."""
-    clauses = [
-        f"tags.`{T_MODEL}` = {quote(model_name)}",
-        f"tags.`{T_VERSION}` = {quote(version)}",
-        f"tags.`{T_STATE}` = 'completed'",
-        "attributes.status = 'FINISHED'",
-    ]
-    for tag, value in ((T_SPEC, spec_sha256), (T_POLICY, policy_sha256),
-                       (T_TOOLKIT, toolkit_version)):
-        if value is not None:
-            clauses.append(f"tags.`{tag}` = {quote(value)}")
-    runs = client.search_runs(experiment_ids, " and ".join(clauses), max_results=5,
-                              order_by=["attributes.start_time DESC"])
-    for run in runs:
-        if run.info.run_id != exclude_run_id:
-            return run
-    return None
+    runs = audit_runs(client, experiment_ids, model_name, version, completed=True,
+                      spec_sha256=spec_sha256, policy_sha256=policy_sha256,
+                      toolkit_version=toolkit_version)
+    return next((r for r in runs if r.info.run_id != exclude_run_id), None)
 
 
 def load_audit(source: str | Path, *, client: MlflowClient | None = None,

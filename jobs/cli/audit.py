@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-from pathlib import Path
 
-from governance.files import replace_dir
+from governance.files import check_replaceable
 
 log = logging.getLogger("governance")
 
@@ -90,13 +89,14 @@ def _cmd_audit(args: argparse.Namespace) -> int:
         alignment=args.alignment,
         attention=False if args.no_attention else None,
     )
+    check_replaceable(args.out, "audit.json", "audit")  # before any work: never clobber
     inputs = prepare(spec)  # every file and name the spec gives, checked before the model loads
     log.info("loading model %s", args.model)
     loaded = load_model(resolve_model(args.model), device=args.device, dtype=args.dtype,
                         trust_remote_code=args.trust_remote_code)
     result = run_audit(loaded, spec, chunk_rows=args.chunk_rows, progress=not args.no_progress,
                        inputs=inputs)
-    out = replace_dir(Path(args.out), result.save)
+    out = result.save(args.out)
     print(summarise(result))
     print(f"\nwrote {out}/ (scores.csv, attention.csv, behaviour.csv, pairs.csv, audit.json, "
           "prompts.jsonl)")

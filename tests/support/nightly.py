@@ -4,6 +4,7 @@ under a directory (tests/test_nightly.py, tests/test_config.py)."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import yaml
@@ -55,3 +56,38 @@ def write_setup(root: Path, tracking_uri: str, **config_extra) -> Path:
     path = root / "nightly.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def log_tiny(tokenizer, experiment_id: str, seed: int) -> str:
+    """Log a tiny random llama with mlflow.transformers; returns its models:/m-<id> URI."""
+    import mlflow
+
+    from governance.models.tiny import tiny_model
+
+    model = tiny_model("llama", vocab_size=len(tokenizer), seed=seed)
+    with mlflow.start_run(experiment_id=experiment_id):
+        info = mlflow.transformers.log_model(
+            transformers_model={"model": model, "tokenizer": tokenizer}, name="model",
+            task="text-generation",  # offline, MLflow cannot infer it from the hub
+            pip_requirements=["torch", "transformers"],
+        )
+    return f"models:/{info.model_id}"
+
+
+def register(client, name: str, source: str, tags: dict | None = None) -> str:
+    """Register the logged model at `source` (models:/m-<id>) as a new version of `name`."""
+    import mlflow
+
+    try:
+        client.create_registered_model(name, tags=tags)
+    except mlflow.exceptions.MlflowException:
+        pass
+    model_id = source.removeprefix("models:/")
+    run_id = client.get_logged_model(model_id).source_run_id
+    before = mlflow.get_tracking_uri() if os.environ.get("MLFLOW_TRACKING_URI") else None
+    mlflow.set_tracking_uri(client.tracking_uri)  # the registry resolves `source` through it
+    try:
+        mv = client.create_model_version(name, source, run_id=run_id, model_id=model_id)
+    finally:
+        mlflow.set_tracking_uri(before)
+    return str(mv.version)
