@@ -136,7 +136,9 @@ class GateOptions(_Strict):
 class ScheduleOptions(_Strict):
     cron: str = "0 2 * * *"
     timezone: str = "UTC"
-    jobstore_url: str | None = Field(None, description="SQLAlchemy URL; None = SQLite file")
+    jobstore_url: str | None = Field(
+        None, description="SQLAlchemy URL of the schedule's state (plain rows) and the "
+                          "scheduler's lease; None = SQLite file")
     misfire_grace_time_s: int = Field(
         6 * 3600, gt=0,
         description="a run missed while the scheduler was down still runs (once, coalesced) "

@@ -1,27 +1,44 @@
-"""The nightly schedule: one APScheduler 3 scheduler with a persistent SQLAlchemy job store.
+"""The nightly schedule: one APScheduler 3 scheduler whose job comes from the config.
 
     persona-gov schedule --config nightly.yaml --cron "0 2 * * *" --timezone Europe/Paris
 
-The job is stored by reference (`jobs.nightly:scheduled_pass`, kwargs: the config path), so
-the store holds no pickled code. Job options are deliberate: `coalesce=True` (runs missed
-while the scheduler was down collapse into one), `max_instances=1` (a pass still running when
-the next is due is not doubled), and `misfire_grace_time` from the config (default 6 h: a
-02:00 run missed by a restart at 05:00 still happens; APScheduler's own default of 1 s would
-drop it). On start an identical stored job is kept as it is, with its pending run time, so a
-run missed during downtime fires on restart; a changed schedule replaces it
-(`replace_existing`). Listeners log errors, misses and skipped overlaps. SIGTERM/SIGINT stop
-the scheduler cleanly: no new pass starts, a running pass finishes its current version.
+The job lives in APScheduler's MemoryJobStore and is built from the config at every start
+(`jobs.nightly:scheduled_pass`, kwargs: the config path). Nothing is unpickled or otherwise
+turned into objects from the database: what survives a restart is plain data in the table
+`persona_audit_schedule` of the job-store database (`schedule.jobstore_url`), one row per
+job: the trigger it belongs to (as text), the next fire time and the last handled fire time
+(epoch seconds), and that fire's outcome. The job store writes the row whenever APScheduler
+moves the job's next run time.
 
-Only one scheduler may use a job store (two would run every job twice): a lease row in the
-job-store database, renewed while the scheduler lives, refuses a second one.
+On start, a row written for the same trigger gives the job its pending run time, so a run
+missed while the scheduler was down fires on restart; the row is trusted only as far as the
+trigger allows (a time the trigger would fire at, no later than its next fire time from now),
+otherwise the next run comes from the trigger alone. Job options are deliberate:
+`coalesce=True` (runs missed while the scheduler was down collapse into one, the latest),
+`max_instances=1` (a pass still running when the next is due is not doubled), and
+`misfire_grace_time` from the config (default 6 h: a 02:00 run missed by a restart at 05:00
+still happens; later than that it is reported as missed). Listeners log errors, misses and
+skipped overlaps. SIGTERM/SIGINT stop the scheduler cleanly: no new pass starts, a running
+pass finishes its current version.
+
+Only one scheduler may use a job-store database (two would run every job twice): a lease row
+in that database, renewed while the scheduler lives, refuses a second one.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy import Column, Float, MetaData, String, Table, select, update
+from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from governance.errors import ConfigError
 from jobs.config import NightlyConfig, display_uri, redact
@@ -30,6 +47,138 @@ log = logging.getLogger(__name__)
 
 JOB_ID = "persona-audit-nightly"
 NIGHTLY_REF = "jobs.nightly:scheduled_pass"
+
+TABLE = "persona_audit_schedule"
+_metadata = MetaData()
+schedule_rows = Table(
+    TABLE,
+    _metadata,
+    Column("name", String(255), primary_key=True),  # the job id
+    Column("trigger", String(1024), nullable=False),  # repr(trigger): compared, never parsed
+    Column("next_fire_at", Float, nullable=True),  # epoch seconds; NULL: no further fire time
+    Column("last_fire_at", Float, nullable=True),  # scheduled time of the last fire handled
+    Column("last_outcome", String(64), nullable=True),  # finished, exit N, error, missed, skipped
+    Column("updated_at", Float, nullable=False),
+    Column("updated_by", String(255), nullable=False),
+)
+
+
+@dataclass(frozen=True)
+class ScheduleRow:
+    """One job's persisted state; the times are epoch seconds (None when unset or unusable)."""
+
+    name: str
+    trigger: str
+    next_fire_at: float | None
+    last_fire_at: float | None
+    last_outcome: str | None
+    updated_at: float | None
+    updated_by: str
+
+
+def _seconds(value: Any) -> float | None:
+    """A finite number of seconds, else None (SQLite keeps whatever type was written)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _epoch(when: datetime | None) -> float | None:
+    return None if when is None else when.timestamp()
+
+
+class ScheduleState:
+    """The plain-data schedule state in table `persona_audit_schedule` of the database at
+    `url`: read with `read(name)`, written by `record_next` and `record_fire`."""
+
+    def __init__(self, url: str, writer: str | None = None):
+        from jobs.lease import default_holder, make_engine
+
+        self.url = url
+        self.writer = writer or default_holder()
+        self.engine = make_engine(url)
+        for attempt in range(3):  # two processes creating the table at once: one loses
+            try:
+                _metadata.create_all(self.engine, checkfirst=True)
+                break
+            except (IntegrityError, OperationalError, ProgrammingError) as exc:
+                if attempt == 2:
+                    raise ConfigError(f"cannot create the schedule table {TABLE} in "
+                                      f"{display_uri(url)}: {redact(exc)}") from exc
+                time.sleep(0.2 * (attempt + 1))
+
+    def read(self, name: str) -> ScheduleRow | None:
+        """The row of job `name`, or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(select(schedule_rows).where(schedule_rows.c.name == name)).first()
+        if row is None:
+            return None
+        outcome = row.last_outcome if isinstance(row.last_outcome, str) else None
+        return ScheduleRow(name=name, trigger=str(row.trigger),
+                           next_fire_at=_seconds(row.next_fire_at),
+                           last_fire_at=_seconds(row.last_fire_at), last_outcome=outcome,
+                           updated_at=_seconds(row.updated_at), updated_by=str(row.updated_by))
+
+    def record_next(self, name: str, trigger: str, next_fire_at: float | None) -> None:
+        """Write job `name`'s trigger and next fire time, creating its row if needed."""
+        values = {"trigger": trigger, "next_fire_at": next_fire_at, "updated_at": time.time(),
+                  "updated_by": self.writer}
+        stmt = update(schedule_rows).where(schedule_rows.c.name == name).values(**values)
+        with self.engine.begin() as conn:
+            if conn.execute(stmt).rowcount == 1:
+                return
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(schedule_rows.insert().values(name=name, **values))
+        except IntegrityError:  # created meanwhile
+            with self.engine.begin() as conn:
+                conn.execute(stmt)
+
+    def record_fire(self, name: str, fire_at: float, outcome: str) -> None:
+        """Note how the fire of job `name` scheduled at `fire_at` ended."""
+        stmt = (update(schedule_rows).where(schedule_rows.c.name == name)
+                .values(last_fire_at=fire_at, last_outcome=outcome[:64], updated_at=time.time(),
+                        updated_by=self.writer))
+        with self.engine.begin() as conn:
+            conn.execute(stmt)
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _recording_store(state: ScheduleState) -> Any:
+    """A MemoryJobStore that writes each job's next run time to `state` whenever it changes."""
+    from apscheduler.jobstores.memory import MemoryJobStore
+
+    class RecordingJobStore(MemoryJobStore):
+        def add_job(self, job: Any) -> None:
+            super().add_job(job)
+            self._record(job.id, repr(job.trigger), _epoch(job.next_run_time))
+
+        def update_job(self, job: Any) -> None:
+            super().update_job(job)
+            self._record(job.id, repr(job.trigger), _epoch(job.next_run_time))
+
+        def remove_job(self, job_id: str) -> None:
+            job = self.lookup_job(job_id)
+            super().remove_job(job_id)
+            if job is not None:
+                self._record(job_id, repr(job.trigger), None)
+
+        def shutdown(self) -> None:
+            super().shutdown()
+            state.dispose()
+
+        @staticmethod
+        def _record(job_id: str, trigger: str, next_fire_at: float | None) -> None:
+            try:
+                state.record_next(job_id, trigger, next_fire_at)
+            except Exception as exc:  # the scheduler keeps running on its in-memory state
+                log.error("could not record the next run of job %s in %s (a restart before "
+                          "the next successful write may repeat or skip a run): %s", job_id,
+                          display_uri(state.url), redact(exc))
+
+    return RecordingJobStore()
 
 
 def cron_trigger(cron: str, timezone: str) -> Any:
@@ -45,77 +194,119 @@ def cron_trigger(cron: str, timezone: str) -> Any:
 
 
 def build_scheduler(config: NightlyConfig, *, blocking: bool = True,
-                    timezone: str | None = None) -> tuple[Any, Any]:
-    """A scheduler on the config's job store, with job defaults and listeners set, and the
-    job store itself (for `ensure_job`)."""
+                    timezone: str | None = None) -> tuple[Any, ScheduleState]:
+    """A scheduler with an in-memory job store that records its state in the config's
+    job-store database, with job defaults and listeners set, and that state (for
+    `ensure_job`)."""
     from apscheduler.executors.pool import ThreadPoolExecutor
-    from apscheduler.jobstores.sqlalchemy import SQLAlchemyJobStore
     from apscheduler.schedulers.background import BackgroundScheduler
     from apscheduler.schedulers.blocking import BlockingScheduler
 
     cls = BlockingScheduler if blocking else BackgroundScheduler
-    store = SQLAlchemyJobStore(url=config.jobstore_url())
+    state = ScheduleState(config.jobstore_url())
     scheduler = cls(
-        jobstores={"default": store},
+        jobstores={"default": _recording_store(state)},
         executors={"default": ThreadPoolExecutor(max_workers=1)},
         job_defaults={"coalesce": True, "max_instances": 1,
                       "misfire_grace_time": config.schedule.misfire_grace_time_s},
         timezone=timezone or config.schedule.timezone,
     )
-    add_listeners(scheduler)
-    return scheduler, store
+    add_listeners(scheduler, state)
+    return scheduler, state
 
 
-def add_listeners(scheduler: Any) -> None:
-    """Log job errors, misses, overlaps and non-zero exit codes."""
+def add_listeners(scheduler: Any, state: ScheduleState | None = None) -> None:
+    """Log job errors, misses, overlaps and non-zero exit codes; record each outcome in
+    `state`."""
     from apscheduler import events as ev
 
     def on_event(event: Any) -> None:
+        outcome = None
         if event.code == ev.EVENT_JOB_ERROR:
             log.error("job %s (due %s) raised: %s", event.job_id, event.scheduled_run_time,
                       redact(event.exception))
+            outcome = "error"
         elif event.code == ev.EVENT_JOB_MISSED:
             log.warning("job %s due %s was missed: the scheduler was down longer than its "
                         "misfire_grace_time", event.job_id, event.scheduled_run_time)
+            outcome = "missed"
         elif event.code == ev.EVENT_JOB_MAX_INSTANCES:
             log.warning("job %s due %s skipped: the previous run is still going",
-                        event.job_id, event.scheduled_run_time)
+                        event.job_id, event.scheduled_run_times[-1])
+            outcome = "skipped"
         elif event.code == ev.EVENT_JOB_EXECUTED:
             if event.retval:
                 log.warning("job %s finished with exit code %s (see the pass report above)",
                             event.job_id, event.retval)
+                outcome = f"exit {event.retval}"
             else:
                 log.info("job %s finished", event.job_id)
+                outcome = "finished"
+        if state is None or outcome is None:
+            return
+        due = getattr(event, "scheduled_run_time", None)
+        due = due if due is not None else event.scheduled_run_times[-1]
+        try:
+            state.record_fire(event.job_id, due.timestamp(), outcome)
+        except Exception as exc:
+            log.error("could not record the outcome of job %s (due %s) in %s: %s",
+                      event.job_id, due, display_uri(state.url), redact(exc))
 
     scheduler.add_listener(on_event, ev.EVENT_JOB_ERROR | ev.EVENT_JOB_MISSED
                            | ev.EVENT_JOB_MAX_INSTANCES | ev.EVENT_JOB_EXECUTED)
 
 
-def _same(job: Any, func: str, trigger: Any, kwargs: dict[str, Any], grace: int) -> bool:
-    return (job.func_ref == func and repr(job.trigger) == repr(trigger)
-            and dict(job.kwargs) == kwargs and job.misfire_grace_time == grace
-            and job.coalesce and job.max_instances == 1)
+def _pending_run(row: ScheduleRow | None, trigger: Any, upcoming: datetime | None,
+                 tz: Any) -> datetime | None:
+    """The stored next fire time when the row belongs to `trigger`, the trigger would fire
+    at that time, and it is no later than `upcoming` (the trigger's next fire time from now);
+    else None."""
+    if row is None or row.trigger != repr(trigger) or row.next_fire_at is None:
+        return None
+    try:
+        stored = datetime.fromtimestamp(row.next_fire_at, tz)
+        fire = trigger.get_next_fire_time(None, stored - timedelta(milliseconds=1))
+    except (OverflowError, OSError, ValueError):
+        log.warning("job %s: ignoring the stored next run %s: not a usable time", row.name,
+                    row.next_fire_at)
+        return None
+    if fire is None or abs((fire - stored).total_seconds()) > 1e-3:
+        log.warning("job %s: ignoring the stored next run %s: %s would not fire then",
+                    row.name, row.next_fire_at, trigger)
+        return None
+    if upcoming is not None and fire > upcoming:
+        log.warning("job %s: ignoring the stored next run %s: later than the schedule's next "
+                    "fire time %s", row.name, fire, upcoming)
+        return None
+    return fire
 
 
-def ensure_job(scheduler: Any, store: Any, trigger: Any, *, misfire_grace_time: int,
-               func: str = NIGHTLY_REF, kwargs: dict[str, Any] | None = None,
-               job_id: str = JOB_ID) -> str:
-    """Keep an identical stored job (and its pending run), else add or replace it.
-    Call before `start()`; `store` is the scheduler's default job store. Returns "kept" or
-    "scheduled"."""
-    kwargs = kwargs or {}
-    grace = misfire_grace_time
-    store.start(scheduler, "default")  # create the table and read it before the scheduler runs
-    existing = store.lookup_job(job_id)
-    if existing is not None and _same(existing, func, trigger, kwargs, grace):
-        log.info("keeping stored job %s (%s), next run %s", job_id, trigger,
-                 existing.next_run_time)
-        return "kept"
+def ensure_job(scheduler: Any, state: ScheduleState, trigger: Any, *, misfire_grace_time: int,
+               func: str | Callable[..., Any] = NIGHTLY_REF,
+               kwargs: dict[str, Any] | None = None, job_id: str = JOB_ID) -> str:
+    """Add the job with `trigger`; its first run is the stored next run when `state` holds one
+    for this trigger (a run missed while the scheduler was down is then due at once), else
+    the trigger's next fire time. Call before `start()`. Returns "kept" (the stored next run)
+    or "scheduled" (from the trigger)."""
+    tz = getattr(trigger, "timezone", None) or scheduler.timezone
+    upcoming = trigger.get_next_fire_time(None, datetime.now(tz))
+    row = state.read(job_id)
+    pending = _pending_run(row, trigger, upcoming, tz)
     scheduler.add_job(func, trigger, id=job_id, name="persona audit nightly pass",
-                      kwargs=kwargs, replace_existing=True, coalesce=True, max_instances=1,
-                      misfire_grace_time=grace)
-    log.info("%s job %s: %s calling %s", "replacing" if existing else "adding", job_id,
-             trigger, func)
+                      kwargs=kwargs or {}, replace_existing=True, coalesce=True,
+                      max_instances=1, misfire_grace_time=misfire_grace_time,
+                      next_run_time=pending or upcoming)
+    if pending is not None:
+        late = pending < datetime.now(tz)
+        log.info("keeping the stored next run of job %s (%s): %s%s", job_id, trigger, pending,
+                 " (missed while the scheduler was down: it runs now if within "
+                 f"misfire_grace_time ({misfire_grace_time} s), else is reported missed)"
+                 if late else "")
+        return "kept"
+    log.info("%s job %s: %s calling %s, next run %s",
+             "replacing" if row is not None and row.trigger != repr(trigger) else "adding",
+             job_id, trigger, func if isinstance(func, str) else getattr(func, "__name__", func),
+             upcoming)
     return "scheduled"
 
 
@@ -128,15 +319,15 @@ def run_scheduler(config: NightlyConfig, *, cron: str | None = None,
     tz = timezone or config.schedule.timezone
     trigger = cron_trigger(cron or config.schedule.cron, tz)
     url = config.jobstore_url()
-    scheduler, store = build_scheduler(config, timezone=tz)
-    kwargs = {"config_path": str(Path(config.source).resolve())} if config.source else {}
     guard = LeaseStore(url, ttl_s=60)
     with guard.hold(f"scheduler:{JOB_ID}") as lease:
         if not lease.acquired:
             raise ConfigError(f"another scheduler uses the job store {display_uri(url)} "
                               f"({lease.holder.describe() if lease.holder else 'running'}): "
                               "run one scheduler per job store")
-        ensure_job(scheduler, store, trigger, kwargs=kwargs,
+        scheduler, state = build_scheduler(config, timezone=tz)
+        kwargs = {"config_path": str(Path(config.source).resolve())} if config.source else {}
+        ensure_job(scheduler, state, trigger, kwargs=kwargs,
                    misfire_grace_time=config.schedule.misfire_grace_time_s)
 
         def stop(signum: int, _frame: Any) -> None:
@@ -152,8 +343,9 @@ def run_scheduler(config: NightlyConfig, *, cron: str | None = None,
 
             def started(_event: Any) -> None:
                 job = scheduler.get_job(JOB_ID)
-                log.info("scheduler started (job store %s): job %s next run %s",
-                         display_uri(url), JOB_ID, getattr(job, "next_run_time", None))
+                log.info("scheduler started (schedule state in %s, table %s): job %s next "
+                         "run %s", display_uri(url), TABLE, JOB_ID,
+                         getattr(job, "next_run_time", None))
 
             scheduler.add_listener(started, EVENT_SCHEDULER_STARTED)
             scheduler.start()  # blocks until stop()

@@ -65,3 +65,31 @@ def tiny_audit(_tiny_audit_once):
     import copy
 
     return copy.deepcopy(_tiny_audit_once)
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh PostgreSQL database (dropped afterwards); skipped when the server is
+    unreachable, except under CI=true."""
+    import uuid
+
+    import sqlalchemy
+
+    admin = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+    try:
+        engine = sqlalchemy.create_engine(admin, connect_args={"connect_timeout": 3},
+                                          isolation_level="AUTOCOMMIT")
+        engine.connect().close()
+    except sqlalchemy.exc.OperationalError as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            raise RuntimeError(f"CI=true but PostgreSQL is unreachable: {exc}") from exc
+        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 unreachable: {exc}")
+    name = f"pgov_test_{uuid.uuid4().hex[:8]}"
+    with engine.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"postgresql://postgres@127.0.0.1:5432/{name}"  # bare URL: the store picks psycopg2
+    finally:
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        engine.dispose()

@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import time
-import uuid
 
 import pytest
 
@@ -130,32 +129,6 @@ def test_two_processes_sqlite(tmp_path):
 
 
 # -- PostgreSQL -------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def pg_url():
-    """A fresh PostgreSQL database (dropped afterwards); skipped when the server is
-    unreachable, except under CI=true."""
-    import sqlalchemy
-
-    admin = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
-    try:
-        engine = sqlalchemy.create_engine(admin, connect_args={"connect_timeout": 3},
-                                          isolation_level="AUTOCOMMIT")
-        engine.connect().close()
-    except sqlalchemy.exc.OperationalError as exc:
-        if os.environ.get("CI", "").lower() == "true":
-            raise RuntimeError(f"CI=true but PostgreSQL is unreachable: {exc}") from exc
-        pytest.skip(f"PostgreSQL at 127.0.0.1:5432 unreachable: {exc}")
-    name = f"pgov_lease_{uuid.uuid4().hex[:8]}"
-    with engine.connect() as conn:
-        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
-    try:
-        yield f"postgresql://postgres@127.0.0.1:5432/{name}"  # bare URL: the store picks psycopg2
-    finally:
-        with engine.connect() as conn:
-            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        engine.dispose()
 
 
 @pytest.mark.postgres

@@ -118,11 +118,12 @@ def _cmd_gate(args: argparse.Namespace) -> int:
 def add_schedule(sub: Any) -> None:
     p = sub.add_parser(
         "schedule",
-        help="run the nightly pass on a cron schedule (APScheduler, persistent job store)",
+        help="run the nightly pass on a cron schedule (APScheduler, state kept in a database)",
         description=(
             "Run one blocking APScheduler scheduler whose job (the nightly pass with this "
-            "config) is kept in a SQLAlchemy job store (SQLite beside the tracking store by "
-            "default; set schedule.jobstore_url for another database). The schedule survives "
+            "config) comes from the config; its next and last fire times are kept as plain "
+            "rows in the job-store database (SQLite beside the tracking store by default; set "
+            "schedule.jobstore_url for another database). The schedule survives "
             "restarts; a run missed while stopped still happens within "
             "schedule.misfire_grace_time_s. SIGTERM/SIGINT stop it cleanly."
         ),
