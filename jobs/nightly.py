@@ -38,7 +38,7 @@ from jobs.config import (
     redact,
 )
 from jobs.connection import TrackingUnavailable, connect, mlflow_uris, probe, with_retries
-from jobs.isolation import AuditJob, audit_in_child
+from jobs.isolation import AuditFailed, AuditJob, audit_in_child
 from jobs.spec import load_spec
 
 if TYPE_CHECKING:
@@ -270,7 +270,10 @@ def _audit_version(ctx: _Context, target: Target, policy: PolicyRef, tags: dict[
         return Outcome(target.name, target.version, decision.status, tr.one_line(summary),
                        run_id)
     except BaseException as exc:  # noqa: BLE001 - recorded as error, re-raised if fatal
-        reason = redact(f"{type(exc).__name__}: {exc}") if str(exc) else type(exc).__name__
+        if isinstance(exc, AuditFailed):  # the child's own error, already named
+            reason = redact(str(exc))
+        else:
+            reason = redact(f"{type(exc).__name__}: {exc}") if str(exc) else type(exc).__name__
         if isinstance(exc, KeyboardInterrupt):
             reason = "interrupted (SIGINT/SIGTERM) before the audit finished"
         log.error("audit of %s failed: %s", target.label, reason)

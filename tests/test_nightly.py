@@ -249,6 +249,7 @@ def test_gate_needs_an_audit_under_the_current_spec(registry, tmp_path, capsys):
     cfg = yaml.safe_load(registry["config"].read_text())
     cfg["spec"] = {**cfg["spec"], "questions": str(registry["root"] / "questions.jsonl"),
                    "n_questions": 3}
+    cfg["policy"] = [str(registry["root"] / p) for p in cfg["policy"]]
     (tmp_path / "nightly.yaml").write_text(yaml.safe_dump(cfg))
     assert main(["gate", "--config", str(tmp_path / "nightly.yaml"), "--model", "tiny-a",
                  "--version", "2"]) == 2
