@@ -110,15 +110,25 @@ def test_fingerprint_is_sampled(tokenizer):
 
 # --- MLflow ---------------------------------------------------------------------------------
 
+MARKER = "PERSONA_PROBE_INJECTED"
+INJECTED = f"import os\nos.environ[{MARKER!r}] = __name__\n"
+
 
 @pytest.fixture(scope="module")
 def mlflow_registry(tmp_path_factory, tokenizer):
-    """A SQLite tracking store with one registered tiny llama (version 1, alias 'audited')."""
+    """A SQLite tracking store with one registered tiny llama (version 1, alias 'audited'),
+    logged the way another team would: with `code_paths` holding a module of its own
+    (`persona_probe_injected`) and a package shadowing ours (`jobs`), both of which set an
+    environment marker when imported."""
     import mlflow
     from mlflow import MlflowClient
 
     root = tmp_path_factory.mktemp("mlflow")
     model = tiny_model("llama", vocab_size=len(tokenizer), seed=3)
+    code = root / "code_src"
+    (code / "jobs").mkdir(parents=True)
+    (code / "persona_probe_injected.py").write_text(INJECTED)
+    (code / "jobs" / "__init__.py").write_text(INJECTED)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root}/mlflow.db")
         mp.delenv("MLFLOW_REGISTRY_URI", raising=False)
@@ -130,13 +140,63 @@ def mlflow_registry(tmp_path_factory, tokenizer):
                 task="text-generation",  # offline, MLflow cannot infer it from the hub
                 registered_model_name="tiny",
                 pip_requirements=["torch", "transformers"],
+                code_paths=[str(code / "persona_probe_injected.py"), str(code / "jobs")],
             )
         MlflowClient().set_registered_model_alias("tiny", "audited", "1")
-        yield {"run_id": run.info.run_id, "model_id": info.model_id, "model": model}
+        yield {"run_id": run.info.run_id, "model_id": info.model_id, "model": model,
+               "exp_id": exp_id}
+
+
+def _tampered(registry, tmp_path, edit, name: str) -> str:
+    """The registered tiny model's artifacts edited by `edit(artifact_dir)`, uploaded as a
+    new run's artifacts and registered as `name` (what any registrant can do); its URI."""
+    import mlflow
+
+    clean = Path(mlflow.artifacts.download_artifacts(
+        artifact_uri="models:/tiny/1", dst_path=str(tmp_path / "clean")))
+    edit(clean)
+    with mlflow.start_run(experiment_id=registry["exp_id"]) as run:
+        mlflow.log_artifacts(str(clean), "model")
+    version = mlflow.register_model(f"runs:/{run.info.run_id}/model", name).version
+    return f"models:/{name}/{version}"
+
+
+def _edit_flavor(**changes):
+    """An edit setting (or, for None, removing) entries of the MLmodel's transformers
+    flavour."""
+    import yaml
+
+    def edit(root: Path) -> None:
+        meta = yaml.safe_load((root / "MLmodel").read_text())
+        flavor = meta["flavors"]["transformers"]
+        for key, value in changes.items():
+            if value is None:
+                flavor.pop(key, None)
+            else:
+                flavor[key] = value
+        (root / "MLmodel").write_text(yaml.safe_dump(meta))
+
+    return edit
+
+
+def _edit_json(path: Path, **changes) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def _to_pickle(directory: Path) -> None:
+    """Replace a directory's model.safetensors by the same tensors in pytorch_model.bin."""
+    from safetensors.torch import load_file
+
+    torch.save(load_file(directory / "model.safetensors"), directory / "pytorch_model.bin")
+    (directory / "model.safetensors").unlink()
 
 
 @pytest.mark.parametrize("kind", ["version", "alias", "run", "model_id"])
 def test_load_mlflow(mlflow_registry, kind):
+    import transformers
+
     uri = {
         "version": "models:/tiny/1",
         "alias": "models:/tiny@audited",
@@ -146,12 +206,139 @@ def test_load_mlflow(mlflow_registry, kind):
     loaded = load_model(uri, device="cpu", attn_implementation="eager")
     assert loaded.identity["source"] == uri
     assert loaded.identity["source_kind"] == "mlflow"
+    assert loaded.identity["loaded_as"] == "files"
+    assert loaded.identity["flavor_transformers_version"] == transformers.__version__
+    assert loaded.identity["mlflow_model_id"] == mlflow_registry["model_id"]
+    json.dumps(loaded.identity)
     assert loaded.identity["model_class"] == "LlamaForCausalLM"
     assert loaded.tokenizer.is_fast
     assert loaded.model.config._attn_implementation == "eager"
     assert not loaded.model.training
     expected = _logits(mlflow_registry["model"])
     torch.testing.assert_close(_logits(loaded.model), expected, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("trust", [False, True])
+def test_mlflow_code_paths_never_imported(mlflow_registry, monkeypatch, trust):
+    """The model's logged code/ folder stays files: never on sys.path, never imported, and a
+    later import of its module names finds nothing of it (even with trust_remote_code)."""
+    import importlib
+    import sys
+    from importlib.machinery import PathFinder
+
+    import mlflow.artifacts
+
+    logged = {Path(f.path).name for f in mlflow.artifacts.list_artifacts(
+        artifact_uri="models:/tiny/1/code")}
+    assert logged == {"persona_probe_injected.py", "jobs"}  # the code is really there
+    downloads: list[str] = []
+    download = mlflow.artifacts.download_artifacts
+
+    def spy(**kwargs):
+        downloads.append(download(**kwargs))
+        return downloads[-1]
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", spy)
+    monkeypatch.delenv(MARKER, raising=False)
+    path_before, modules_before = list(sys.path), set(sys.modules)
+
+    loaded = load_model("models:/tiny/1", device="cpu", trust_remote_code=trust)
+
+    assert loaded.identity["model_class"] == "LlamaForCausalLM"
+    assert list(sys.path) == path_before
+    (root,) = downloads
+    assert not Path(root).exists()  # the download is removed once loaded
+    assert not [name for name in set(sys.modules) - modules_before
+                if str(getattr(sys.modules[name], "__file__", None) or "").startswith(root)]
+    assert "persona_probe_injected" not in sys.modules and MARKER not in os.environ
+    assert PathFinder.find_spec("persona_probe_injected") is None
+    ours = Path(__file__).resolve().parents[1] / "jobs" / "__init__.py"
+    assert Path(PathFinder.find_spec("jobs").origin).resolve() == ours
+    with pytest.raises(ModuleNotFoundError):
+        importlib.import_module("persona_probe_injected")
+    assert MARKER not in os.environ
+
+
+@pytest.mark.parametrize(("key", "value"), [
+    ("pipeline_model_type", "MyCustomForCausalLM"),
+    ("instance_type", "MyCustomPipeline"),
+    ("tokenizer_type", "MyCustomTokenizerFast"),
+    ("processor_type", "MyCustomProcessor"),
+    ("custom_pipelines", {"text-generation": {"impl": "evil.Pipeline"}}),
+])
+def test_mlflow_custom_code_needs_trust(mlflow_registry, tmp_path, key, value):
+    """A flavour naming classes transformers does not ship is refused, naming the field;
+    trust_remote_code=True lets it load (its saved files are stock transformers)."""
+    uri = _tampered(mlflow_registry, tmp_path, _edit_flavor(**{key: value}), f"flavour-{key}")
+    with pytest.raises(ModelLoadError, match=f"transformers flavour {key}.*"
+                       "trust_remote_code=True") as err:
+        load_model(uri, device="cpu")
+    if isinstance(value, str):
+        assert value in str(err.value)
+    loaded = load_model(uri, device="cpu", trust_remote_code=True,
+                        attn_implementation="eager")
+    torch.testing.assert_close(_logits(loaded.model), _logits(mlflow_registry["model"]),
+                               atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(("file", "changes", "field", "fails_at"), [
+    ("model/config.json", {"auto_map": {"AutoModelForCausalLM": "modeling_evil.EvilLM"}},
+     "auto_map", "could not load the model"),
+    ("model/config.json", {"architectures": ["EvilForCausalLM"]},
+     "architectures 'EvilForCausalLM'", None),
+    ("model/config.json", {"custom_pipelines": {"evil": {"impl": "evil.Pipeline"}}},
+     "custom_pipelines", None),
+    ("model/generation_config.json", {"auto_map": {"AutoConfig": "evil.Config"}},
+     "auto_map", None),
+    ("components/tokenizer/tokenizer_config.json",
+     {"auto_map": {"AutoTokenizer": [None, "tokenization_evil.EvilTokenizer"]}},
+     "auto_map", "could not load the tokenizer"),
+    ("components/tokenizer/tokenizer_config.json", {"tokenizer_class": "EvilTokenizer"},
+     "tokenizer_class 'EvilTokenizer'", None),
+])
+def test_mlflow_config_custom_code_needs_trust(mlflow_registry, tmp_path, file, changes,
+                                               field, fails_at):
+    """Saved config files asking for custom classes are refused, naming file and field;
+    with trust_remote_code=True the refusal is lifted and transformers is left to try (the
+    model's own code is missing here: transformers fails where it needs it, else loads)."""
+    uri = _tampered(mlflow_registry, tmp_path, lambda root: _edit_json(root / file, **changes),
+                    f"config-{tmp_path.name}")
+    with pytest.raises(ModelLoadError, match="does not ship") as err:
+        load_model(uri, device="cpu")
+    assert f"{file}: {field}" in str(err.value)
+    assert "trust_remote_code=True" in str(err.value)
+    if fails_at is None:
+        assert load_model(uri, device="cpu", trust_remote_code=True).tokenizer.is_fast
+    else:
+        with pytest.raises(ModelLoadError, match=fails_at) as err:
+            load_model(uri, device="cpu", trust_remote_code=True)
+        assert "does not ship" not in str(err.value)
+
+
+def test_mlflow_pickle_weights_need_allow_pickle(mlflow_registry, tmp_path):
+    uri = _tampered(mlflow_registry, tmp_path, lambda root: _to_pickle(root / "model"),
+                    "pickled")
+    with pytest.raises(ModelLoadError, match=r"model/pytorch_model\.bin.*allow_pickle=True"):
+        load_model(uri, device="cpu")
+    loaded = load_model(uri, device="cpu", allow_pickle=True, attn_implementation="eager")
+    torch.testing.assert_close(_logits(loaded.model), _logits(mlflow_registry["model"]),
+                               atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize(("changes", "match"), [
+    ({"model_binary": None, "source_model_revision": "abc123"},
+     "no weights in its artifacts.*save_pretrained=False"),
+    ({"peft_adaptor": "peft"}, "PEFT adapter"),
+    ({"local_base_model_path": "/srv/base"}, "local_base_model_path"),
+    ({"model_binary": "../../.."}, "model_binary '../../..' is not a directory inside"),
+    ({"components": ["feature_extractor"]}, "no tokenizer component"),
+])
+def test_mlflow_unsupported_flavours(mlflow_registry, tmp_path, changes, match):
+    uri = _tampered(mlflow_registry, tmp_path, _edit_flavor(**changes),
+                    f"unsupported-{tmp_path.name}")
+    for trust in (False, True):
+        with pytest.raises(ModelLoadError, match=match):
+            load_model(uri, device="cpu", trust_remote_code=trust)
 
 
 def test_mlflow_errors(mlflow_registry):
@@ -167,37 +354,124 @@ def test_mlflow_dtype(mlflow_registry):
     assert loaded.dtype == torch.bfloat16 and loaded.identity["dtype"] == "bfloat16"
 
 
-class _FakeInfo:
-    def __init__(self, flavors):
-        self.flavors = flavors
+def test_mlflow_needs_transformers_flavour(mlflow_registry, tmp_path):
+    import yaml
 
+    def sklearn_only(root: Path) -> None:
+        meta = yaml.safe_load((root / "MLmodel").read_text())
+        meta["flavors"] = {"python_function": meta["flavors"]["python_function"], "sklearn": {}}
+        (root / "MLmodel").write_text(yaml.safe_dump(meta))
 
-def test_mlflow_custom_code_needs_trust(monkeypatch):
-    import mlflow
-
-    flavor = {"pipeline_model_type": "MyCustomForCausalLM", "components": ["tokenizer"],
-              "tokenizer_type": "PreTrainedTokenizerFast"}
-    monkeypatch.setattr(mlflow.models, "get_model_info", lambda uri: _FakeInfo(
-        {"transformers": flavor}))
-    with pytest.raises(ModelLoadError, match="MyCustomForCausalLM.*trust_remote_code=True"):
-        load_model("models:/custom/1", device="cpu")
-
-
-def test_mlflow_needs_transformers_flavour(monkeypatch):
-    import mlflow
-
-    monkeypatch.setattr(mlflow.models, "get_model_info", lambda uri: _FakeInfo(
-        {"python_function": {}, "sklearn": {}}))
+    uri = _tampered(mlflow_registry, tmp_path, sklearn_only, "skl")
     with pytest.raises(ModelLoadError, match="no transformers flavour.*sklearn"):
-        load_model("models:/skl/1", device="cpu")
+        load_model(uri, device="cpu")
 
 
 def test_mlflow_uri_credentials_are_redacted():
-    from governance.models.loading import _redact_uri
+    from governance.models.loading import _redact_uri, _scrub
 
     assert _redact_uri("models://alice:s3cret@host/tiny/1") == "models://host/tiny/1"
     assert _redact_uri("models:/tiny@prod") == "models:/tiny@prod"
     assert _redact_uri("runs:/abc123/model") == "runs:/abc123/model"
+    uri = "models://alice:s3cret@host/tiny/1"
+    message = f"no model at {uri} (store https://bob:hunter2@store.example/api)"
+    scrubbed = _scrub(message, uri, _redact_uri(uri))
+    assert "s3cret" not in scrubbed and "hunter2" not in scrubbed
+    assert "models://host/tiny/1" in scrubbed and "https://store.example/api" in scrubbed
+
+
+# --- safety checks on local directories -----------------------------------------------------
+
+
+def _copy_dir(source: Path, target: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(source, target))
+
+
+@pytest.mark.parametrize(("file", "changes", "field"), [
+    ("config.json", {"auto_map": {"AutoModelForCausalLM": "modeling_evil.EvilLM"}}, "auto_map"),
+    ("tokenizer_config.json",
+     {"auto_map": {"AutoTokenizer": [None, "tokenization_evil.EvilTokenizer"]}}, "auto_map"),
+    ("config.json", {"architectures": ["EvilForCausalLM"]}, "architectures 'EvilForCausalLM'"),
+])
+def test_hf_dir_custom_code_needs_trust(llama_dir, tmp_path, file, changes, field):
+    path = _copy_dir(llama_dir[0], tmp_path / "model")
+    _edit_json(path / file, **changes)
+    with pytest.raises(ModelLoadError, match="does not ship.*trust_remote_code=True") as err:
+        load_model(path, device="cpu")
+    assert f"{file}: {field}" in str(err.value)
+    try:  # trusted: transformers decides (the model's own code is missing here)
+        load_model(path, device="cpu", trust_remote_code=True)
+    except ModelLoadError as exc:
+        assert "does not ship" not in str(exc)
+
+
+def test_hf_dir_peft_adapter_refused(llama_dir, tmp_path):
+    path = _copy_dir(llama_dir[0], tmp_path / "model")
+    (path / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "base_model_name_or_path": "/srv/other-model"}))
+    for allow in (False, True):
+        with pytest.raises(ModelLoadError, match="PEFT adapter.*adapter_config.json"):
+            load_model(path, device="cpu", trust_remote_code=allow, allow_pickle=allow)
+
+
+def test_hf_dir_custom_generate_needs_trust(llama_dir, tmp_path):
+    path = _copy_dir(llama_dir[0], tmp_path / "model")
+    (path / "custom_generate").mkdir()
+    (path / "custom_generate" / "generate.py").write_text(INJECTED)
+    with pytest.raises(ModelLoadError, match="custom_generate/"):
+        load_model(path, device="cpu")
+
+
+def _transformers_weights(path: Path) -> None:
+    """config.json names a pickle file itself: transformers loads it even under
+    use_safetensors=True, whatever model.safetensors holds."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(path / "model.safetensors")
+    torch.save(tensors, path / "adapter_model.bin")
+    save_file({k: torch.zeros_like(v) for k, v in tensors.items()}, path / "model.safetensors")
+    _edit_json(path / "config.json", transformers_weights="adapter_model.bin")
+
+
+def _pickle_shard_index(path: Path) -> None:
+    """A safetensors index whose shard is a pickle file: transformers unpickles it even
+    under use_safetensors=True."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(path / "model.safetensors")
+    torch.save(tensors, path / "shard-00001.bin")
+    (path / "model.safetensors").unlink()
+    (path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": {name: "shard-00001.bin" for name in tensors}}))
+
+
+@pytest.mark.parametrize(("tamper", "named"), [
+    (_to_pickle, "pytorch_model.bin"),
+    (_transformers_weights, "config.json transformers_weights 'adapter_model.bin'"),
+    (_pickle_shard_index, "model.safetensors.index.json shard 'shard-00001.bin'"),
+])
+def test_hf_dir_pickle_weights_need_allow_pickle(llama_dir, tmp_path, tamper, named):
+    path, original = llama_dir
+    path = _copy_dir(path, tmp_path / "model")
+    tamper(path)
+    with pytest.raises(ModelLoadError, match="pickle-based weights.*allow_pickle=True") as err:
+        load_model(path, device="cpu")
+    assert named in str(err.value)
+    # the pickle is what loads
+    loaded = load_model(path, device="cpu", allow_pickle=True, attn_implementation="eager")
+    torch.testing.assert_close(_logits(loaded.model), _logits(original), atol=1e-6, rtol=0)
+
+
+def test_hf_dir_stray_pickle_beside_safetensors_is_not_loaded(llama_dir, tmp_path):
+    """A pickle file that transformers would not read (safetensors weights present) does
+    not block loading."""
+    path, original = llama_dir
+    path = _copy_dir(path, tmp_path / "model")
+    (path / "training_args.bin").write_bytes(b"not even a pickle")
+    loaded = load_model(path, device="cpu", attn_implementation="eager")
+    torch.testing.assert_close(_logits(loaded.model), _logits(original), atol=1e-6, rtol=0)
 
 
 # --- errors ---------------------------------------------------------------------------------

@@ -6,6 +6,15 @@ model's `Anatomy`, and an `identity` dict that an audit records so its results c
 to exactly the weights that produced them. Nothing is fetched from a model hub: local paths
 load with `local_files_only=True`, and MLflow URIs resolve through the configured tracking
 server and artifact store.
+
+MLflow models are registered by other teams, so nothing in them may run code here. They are
+downloaded and read as files: the `MLmodel` file with `yaml.safe_load`, the weights and the
+tokenizer with transformers from the directories the transformers flavour saves them in.
+MLflow's own loaders are never called, so the model's logged `code/` folder is never put on
+`sys.path` and nothing in it is imported, whatever `trust_remote_code` says. Any request for
+classes that transformers does not ship (in the flavour or in a saved `*config.json`) is
+refused unless `trust_remote_code=True`, which lets transformers run the model directory's
+own code and nothing else. Weights load from safetensors only unless `allow_pickle=True`.
 """
 
 from __future__ import annotations
@@ -15,6 +24,8 @@ import json
 import os
 import re
 import shutil
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,6 +48,18 @@ _DTYPES: dict[str, torch.dtype] = {
     "fp16": torch.float16,
 }
 _FINGERPRINT_ELEMENTS = 4096
+# Keys of a saved *config.json that make transformers fetch or run code of the model's own.
+_CODE_KEYS = ("auto_map", "custom_pipelines")
+# Keys of a saved *config.json that name classes; each must be a class transformers ships.
+_CLASS_KEYS = (
+    "architectures", "tokenizer_class", "processor_class", "feature_extractor_type",
+    "image_processor_type", "video_processor_type",
+)
+# Flavour keys that ask MLflow for custom pipelines outright.
+_FLAVOR_CODE_KEYS = ("auto_map", "custom_pipeline", "custom_pipelines")
+_SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_MLFLOW_COMPONENTS_DIR = "components"
 _EXPECTED = (
     "expected a Hugging Face model directory (with config.json), a .gguf file, or an MLflow "
     "model URI (models:/name/version, models:/name@alias, models:/m-<id>, runs:/<run_id>/<path>)"
@@ -77,14 +100,24 @@ def load_model(
     dtype: str | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str = "sdpa",
+    allow_pickle: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and its fast tokenizer for auditing.
 
     `source` is a Hugging Face model directory, a `.gguf` file (dequantised by transformers
     to fp32), or an MLflow model URI (`models:/name/version`, `models:/name@alias`,
-    `models:/m-<id>`, `runs:/<run_id>/<path>`). `device` None/"auto" picks CUDA when present;
-    `dtype` None picks bfloat16 on CUDA and float32 on CPU. Any failure, including an
-    unsupported architecture, raises `ModelLoadError` naming the source.
+    `models:/m-<id>`, `runs:/<run_id>/<path>`) of a model logged with
+    `mlflow.transformers.log_model`, which is read as files (see the module docstring).
+    `device` None/"auto" picks CUDA when present; `dtype` None picks bfloat16 on CUDA and
+    float32 on CPU.
+
+    A directory or MLflow model that asks for classes transformers does not ship (`auto_map`,
+    `custom_pipelines`, unknown class names in a `*config.json` or in the MLflow flavour) is
+    refused unless `trust_remote_code=True`; an MLflow model's `code/` folder is never
+    imported either way. Weights load from safetensors only: pickle-based weights
+    (`pytorch_model.bin`, `.pt`, `.ckpt`, ...) are refused unless `allow_pickle=True`. Any
+    failure, including an unsupported architecture, raises `ModelLoadError` naming the
+    source.
     """
     target_device = _resolve_device(device)
     target_dtype = _resolve_dtype(dtype, target_device)
@@ -92,11 +125,13 @@ def load_model(
     if isinstance(text, bytes):  # os.PathLike[bytes]
         text = text.decode()
 
+    extra: dict[str, Any] = {}
     if text.startswith(_MLFLOW_SCHEMES):
         kind = "mlflow"
         shown = _redact_uri(text)
-        model, tokenizer = _load_mlflow(text, shown, target_dtype, trust_remote_code)
-        _set_attn_implementation(model, attn_implementation)
+        model, tokenizer, extra = _load_mlflow(
+            text, shown, target_dtype, trust_remote_code, attn_implementation, allow_pickle
+        )
     else:
         path = Path(text).expanduser()
         shown = str(path.resolve()) if path.exists() else text
@@ -104,9 +139,13 @@ def load_model(
             if not (path / "config.json").is_file():
                 raise ModelLoadError(f"model source {text!r} has no config.json: {_EXPECTED}")
             kind = "hf_dir"
+            requests = _config_code_requests([(path, "")])
+            _refuse_custom_code(requests, f"model source {text!r}", trust_remote_code)
             _check_config_model_type(path / "config.json", text)
+            use_safetensors = _check_weights(path, "", f"model source {text!r}", allow_pickle)
             model, tokenizer = _load_pretrained(
-                path, None, text, target_dtype, trust_remote_code, attn_implementation
+                path, path, text, target_dtype, trust_remote_code, attn_implementation,
+                use_safetensors=use_safetensors,
             )
         elif path.is_file():
             if path.suffix.lower() != ".gguf":
@@ -115,8 +154,8 @@ def load_model(
                 )
             kind = "gguf"
             model, tokenizer = _load_pretrained(
-                path.parent, path.name, text, target_dtype, trust_remote_code,
-                attn_implementation,
+                path.parent, path.parent, text, target_dtype, trust_remote_code,
+                attn_implementation, gguf_file=path.name,
             )
         elif re.match(r"^[A-Za-z][\w+.-]*:/", text):
             raise ModelLoadError(
@@ -141,7 +180,7 @@ def load_model(
         ) from exc
     model.eval()
     model.requires_grad_(False)
-    identity = _identity(model, anatomy, shown, kind)
+    identity = {**_identity(model, anatomy, shown, kind), **extra}
     return LoadedModel(model=model, tokenizer=tokenizer, anatomy=anatomy, identity=identity)
 
 
@@ -246,84 +285,314 @@ def _check_config_model_type(config_path: Path, source: str) -> None:
 
 
 def _load_pretrained(
-    directory: Path,
-    gguf_file: str | None,
+    model_dir: Path,
+    tokenizer_dir: Path,
     source: str,
     dtype: torch.dtype,
     trust_remote_code: bool,
     attn_implementation: str,
+    *,
+    gguf_file: str | None = None,
+    use_safetensors: bool | None = None,
 ) -> tuple[nn.Module, Any]:
-    """Model and tokenizer from a local directory, optionally from a GGUF file inside it."""
+    """Model and tokenizer from local directories, optionally from a GGUF file in `model_dir`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     common: dict[str, Any] = {"local_files_only": True, "trust_remote_code": trust_remote_code}
     if gguf_file is not None:
         common["gguf_file"] = gguf_file
+    weights: dict[str, Any] = {}
+    if use_safetensors is not None:
+        weights["use_safetensors"] = use_safetensors
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            directory, dtype=dtype, attn_implementation=attn_implementation, **common
+            model_dir, dtype=dtype, attn_implementation=attn_implementation, **weights, **common
         )
     except Exception as exc:
         raise ModelLoadError(f"could not load the model from {source!r}: {exc}") from exc
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, **common)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, **common)
     except Exception as exc:
         raise ModelLoadError(f"could not load the tokenizer from {source!r}: {exc}") from exc
     return model, tokenizer
 
 
 def _load_mlflow(
-    uri: str, shown: str, dtype: torch.dtype, trust_remote_code: bool
-) -> tuple[nn.Module, Any]:
-    """Model and tokenizer of an MLflow transformers-flavour model."""
-    import mlflow
-    import transformers
+    uri: str,
+    shown: str,
+    dtype: torch.dtype,
+    trust_remote_code: bool,
+    attn_implementation: str,
+    allow_pickle: bool,
+) -> tuple[nn.Module, Any, dict[str, Any]]:
+    """Model, tokenizer and identity fields of an MLflow transformers-flavour model, read as
+    files from a temporary download that is removed afterwards."""
+    import mlflow.artifacts
 
-    try:
-        flavors = mlflow.models.get_model_info(uri).flavors
-    except Exception as exc:
-        raise ModelLoadError(f"could not resolve the MLflow model {shown!r}: {exc}") from exc
-    flavor = flavors.get("transformers")
-    if flavor is None:
+    what = f"MLflow model {shown!r}"
+    with tempfile.TemporaryDirectory(prefix="persona-gov-mlflow-") as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"could not resolve the MLflow model {shown!r}: {_scrub(str(exc), uri, shown)}"
+            ) from exc
+        root = Path(local)
+        flavor, meta = _transformers_flavor(root, what)
+        model_dir, tokenizer_dir = _flavor_dirs(root, flavor, what)
+        scanned = [(model_dir, _relative(model_dir, root))]
+        components = root / _MLFLOW_COMPONENTS_DIR
+        if components.is_dir():
+            scanned += [
+                (sub, _relative(sub, root)) for sub in sorted(components.iterdir()) if sub.is_dir()
+            ]
+        requests = _flavor_code_requests(flavor) + _config_code_requests(scanned)
+        _refuse_custom_code(requests, what, trust_remote_code)
+        if not (model_dir / "config.json").is_file():
+            raise ModelLoadError(
+                f"{what}: its model directory {_relative(model_dir, root)} has no config.json"
+            )
+        _check_config_model_type(model_dir / "config.json", shown)
+        use_safetensors = _check_weights(
+            model_dir, _relative(model_dir, root), what, allow_pickle
+        )
+        model, tokenizer = _load_pretrained(
+            model_dir, tokenizer_dir, shown, dtype, trust_remote_code, attn_implementation,
+            use_safetensors=use_safetensors,
+        )
+    extra: dict[str, Any] = {"loaded_as": "files"}
+    for key, value in (
+        ("flavor_transformers_version", flavor.get("transformers_version")),
+        ("mlflow_version", meta.get("mlflow_version")),
+        ("mlflow_model_id", meta.get("model_id")),
+    ):
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            extra[key] = str(value)[:200]
+    return model, tokenizer, extra
+
+
+def _transformers_flavor(root: Path, what: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The transformers flavour of the MLmodel file under `root`, and the whole file."""
+    import yaml
+
+    mlmodel = root / "MLmodel"
+    if not mlmodel.is_file():
         raise ModelLoadError(
-            f"MLflow model {shown!r} has no transformers flavour (flavours: "
-            f"{', '.join(sorted(flavors)) or 'none'}): expected a model logged with "
+            f"{what} has no MLmodel file: expected a model logged with "
             "mlflow.transformers.log_model"
         )
-    # MLflow loads classes that transformers does not ship with trust_remote_code=True on its
-    # own; honour the caller's trust_remote_code=False by refusing such models up front.
-    classes = [flavor.get("pipeline_model_type")] + [
-        flavor.get(f"{name}_type") for name in flavor.get("components", [])
-    ]
-    custom = [name for name in classes if name and not hasattr(transformers, name)]
-    if custom and not trust_remote_code:
-        raise ModelLoadError(
-            f"MLflow model {shown!r} uses custom code ({', '.join(custom)}); pass "
-            "trust_remote_code=True to load it"
-        )
     try:
-        components = mlflow.transformers.load_model(uri, return_type="components", dtype=dtype)
-    except Exception as exc:
-        raise ModelLoadError(f"could not load the MLflow model {shown!r}: {exc}") from exc
-    model = components.get("model")
-    tokenizer = components.get("tokenizer")
-    if model is None or tokenizer is None:
+        meta = yaml.safe_load(mlmodel.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        raise ModelLoadError(f"{what}: cannot read its MLmodel file: {exc}") from exc
+    flavors = meta.get("flavors") if isinstance(meta, dict) else None
+    if not isinstance(flavors, dict):
+        raise ModelLoadError(f"{what}: its MLmodel file has no flavours")
+    flavor = flavors.get("transformers")
+    if not isinstance(flavor, dict):
         raise ModelLoadError(
-            f"MLflow model {shown!r} has components {sorted(components)}: expected a model "
-            "and a tokenizer"
+            f"{what} has no transformers flavour (flavours: "
+            f"{', '.join(sorted(map(str, flavors))) or 'none'}): expected a model logged with "
+            "mlflow.transformers.log_model"
         )
-    return model, tokenizer
+    return flavor, meta
 
 
-def _set_attn_implementation(model: nn.Module, attn_implementation: str) -> None:
-    """Switch attention kernels when the model supports it; otherwise keep what it has."""
-    config = getattr(model, "config", None)
-    if getattr(config, "_attn_implementation", None) == attn_implementation:
-        return
+def _flavor_dirs(root: Path, flavor: dict[str, Any], what: str) -> tuple[Path, Path]:
+    """The model and tokenizer directories a transformers flavour saved under `root`."""
+    if flavor.get("peft_adaptor") is not None:
+        raise ModelLoadError(
+            f"{what} carries a PEFT adapter (transformers flavour peft_adaptor), which this "
+            "loader does not apply: log the model with the adapter merged into its weights"
+        )
+    if flavor.get("local_base_model_path") is not None:
+        raise ModelLoadError(
+            f"{what} points at base weights outside its artifacts (transformers flavour "
+            "local_base_model_path): log the model with its weights"
+        )
+    if flavor.get("source_model_revision") is not None:
+        raise ModelLoadError(
+            f"{what} has no weights in its artifacts (logged with save_pretrained=False; "
+            "transformers flavour source_model_revision) and models are never downloaded from "
+            "a model hub here: log it with save_pretrained=True"
+        )
+    model_dir = _inside(root, flavor.get("model_binary", "pipeline"), "model_binary", what)
+    components = flavor.get("components") or []
+    if not isinstance(components, list) or "tokenizer" not in components:
+        raise ModelLoadError(
+            f"{what} has no tokenizer component (transformers flavour components: "
+            f"{_short(components)}): expected a model logged with a tokenizer"
+        )
+    tokenizer_dir = root / _MLFLOW_COMPONENTS_DIR / "tokenizer"
+    if not tokenizer_dir.is_dir():
+        raise ModelLoadError(
+            f"{what} has no tokenizer directory ({_MLFLOW_COMPONENTS_DIR}/tokenizer)"
+        )
+    return model_dir, tokenizer_dir
+
+
+def _inside(root: Path, relative: Any, key: str, what: str) -> Path:
+    """`root / relative` when it is a directory that stays inside `root`."""
+    base = root.resolve()
+    if isinstance(relative, str) and relative and not os.path.isabs(relative):
+        path = (root / relative).resolve()
+        if path != base and path.is_relative_to(base) and path.is_dir():
+            return path
+    raise ModelLoadError(
+        f"{what}: transformers flavour {key} {_short(relative)} is not a directory inside "
+        "the model's artifacts"
+    )
+
+
+def _flavor_code_requests(flavor: dict[str, Any]) -> list[str]:
+    """What a transformers flavour asks MLflow for beyond transformers' own classes: every
+    `*_type` entry (pipeline_model_type, instance_type, tokenizer_type, processor_type, ...)
+    must name a class transformers ships; custom pipelines are asked for outright."""
+    requests = []
+    for key, value in flavor.items():
+        name = str(key)
+        if name in _FLAVOR_CODE_KEYS:
+            requests.append(f"transformers flavour {name}")
+        elif name.endswith("_type") and not (isinstance(value, str) and _ships(value)):
+            requests.append(f"transformers flavour {name} {_short(value)}")
+    return requests
+
+
+def _config_code_requests(directories: list[tuple[Path, str]]) -> list[str]:
+    """What the `*config.json` files in `directories` (each with the prefix that names it in
+    messages) ask transformers for beyond its own classes."""
+    requests = []
+    for directory, label in directories:
+        for file in sorted(directory.glob("*config.json")):
+            where = f"{label}{file.name}"
+            try:
+                data = json.loads(file.read_text(encoding="utf-8"))
+            except (OSError, ValueError, RecursionError) as exc:
+                raise ModelLoadError(f"cannot read {where}: {exc}") from exc
+            for key, value in _entries(data):
+                if key in _CODE_KEYS:
+                    requests.append(f"{where}: {key}")
+                elif key in _CLASS_KEYS:
+                    names = value if isinstance(value, list) else [value]
+                    requests += [
+                        f"{where}: {key} {_short(name)}"
+                        for name in names
+                        if name is not None and not (isinstance(name, str) and _ships(name))
+                    ]
+        if (directory / "custom_generate").exists():
+            requests.append(f"{label}custom_generate/")
+    return requests
+
+
+def _refuse_custom_code(requests: list[str], what: str, trust_remote_code: bool) -> None:
+    if requests and not trust_remote_code:
+        raise ModelLoadError(
+            f"{what} asks for code that transformers does not ship ({'; '.join(requests)}); "
+            "refused: pass trust_remote_code=True to let transformers run the model "
+            "directory's own code"
+        )
+
+
+def _entries(data: Any) -> Iterator[tuple[str, Any]]:
+    """Every (key, value) of every JSON object in `data`, at any depth."""
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                yield str(key), value
+                stack.append(value)
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def _ships(name: str) -> bool:
+    """Whether transformers itself ships a class of this name."""
+    import transformers
+
+    if not name.isidentifier() or name.startswith("_"):
+        return False
     try:
-        model.set_attn_implementation(attn_implementation)  # type: ignore[operator]
-    except Exception:  # not every model supports every attention implementation
-        pass
+        found = getattr(transformers, name)
+    except Exception:  # a shipped class whose optional backend is missing still counts
+        return name in dir(transformers)
+    return isinstance(found, type)
+
+
+def _check_weights(directory: Path, label: str, what: str, allow_pickle: bool) -> bool | None:
+    """Refuse weights that transformers would take from elsewhere (a PEFT adapter's base) or
+    unpickle (unless `allow_pickle`); returns the `use_safetensors` to load with (True:
+    safetensors only; None: transformers' choice)."""
+    if (directory / "adapter_config.json").is_file():
+        raise ModelLoadError(
+            f"{what} is a PEFT adapter ({label}adapter_config.json), whose base weights "
+            "transformers would load from wherever the adapter names: merge the adapter into "
+            "the weights first"
+        )
+    if allow_pickle:
+        return None
+    # The file transformers picks: the one config.json names, else model.safetensors, else
+    # the safetensors index (whose shards may be any files), else pickle files.
+    explicit = _explicit_weights(directory / "config.json")
+    index: Path | None = None
+    pickled = []
+    if explicit is not None:
+        if explicit.endswith(".safetensors.index.json"):
+            index = directory / explicit
+        elif not explicit.endswith(".safetensors"):
+            pickled.append(f"{label}config.json transformers_weights {_short(explicit)}")
+    elif (directory / _SAFE_WEIGHTS[1]).is_file() and not (directory / _SAFE_WEIGHTS[0]).is_file():
+        index = directory / _SAFE_WEIGHTS[1]
+    elif not (directory / _SAFE_WEIGHTS[0]).is_file():
+        pickled += [f"{label}{file.name}" for file in sorted(directory.iterdir())
+                    if file.is_file() and file.name.endswith(_PICKLE_SUFFIXES)]
+    if index is not None and index.is_file():
+        pickled += [f"{label}{index.name} shard {_short(shard)}" for shard in _shards(index)
+                    if not shard.endswith(".safetensors")]
+    if pickled:
+        raise ModelLoadError(
+            f"{what} has pickle-based weights ({', '.join(pickled)}), which can run code when "
+            "loaded; only safetensors weights load unless allow_pickle=True"
+        )
+    return True
+
+
+def _explicit_weights(config_path: Path) -> str | None:
+    """The weights file a config.json names itself (`transformers_weights`), if any."""
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return None  # a missing or unreadable config fails later, with transformers' message
+    value = config.get("transformers_weights") if isinstance(config, dict) else None
+    return None if value is None else str(value)
+
+
+def _shards(index: Path) -> list[str]:
+    """The shard file names a safetensors index maps its tensors to."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}
+        return sorted(set(map(str, weight_map.values())))
+    except (OSError, ValueError, RecursionError, AttributeError) as exc:
+        raise ModelLoadError(f"cannot read {index.name}: {exc}") from exc
+
+
+def _relative(path: Path, root: Path) -> str:
+    """`path` as a prefix for messages, relative to the artifact root (`model/`)."""
+    try:
+        return f"{path.resolve().relative_to(root.resolve()).as_posix()}/"
+    except ValueError:
+        return f"{path}/"
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """repr() of a value from an untrusted file, cut to `limit` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _scrub(message: str, uri: str, shown: str) -> str:
+    """An error message with the URI as shown and any `scheme://user:password@` removed."""
+    return re.sub(r"([A-Za-z][\w+.-]*:)//[^/@\s]*@", r"\1//", message.replace(uri, shown))
 
 
 def _identity(model: nn.Module, anatomy: Anatomy, source: str, kind: str) -> dict[str, Any]:
