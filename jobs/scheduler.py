@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from governance.errors import ConfigError
-from jobs.config import NightlyConfig, display_uri, redact
+from governance.redaction import redact
+from jobs.config import NightlyConfig
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def run_scheduler(config: NightlyConfig, *, cron: str | None = None,
     guard = LeaseStore(url, ttl_s=60)
     with guard.hold(f"scheduler:{JOB_ID}") as lease:
         if not lease.acquired:
-            raise ConfigError(f"another scheduler uses the job store {display_uri(url)} "
+            raise ConfigError(f"another scheduler uses the job store {redact(url)} "
                               f"({lease.holder.describe() if lease.holder else 'running'}): "
                               "run one scheduler per job store")
         ensure_job(scheduler, store, trigger, kwargs=kwargs,
@@ -153,7 +154,7 @@ def run_scheduler(config: NightlyConfig, *, cron: str | None = None,
             def started(_event: Any) -> None:
                 job = scheduler.get_job(JOB_ID)
                 log.info("scheduler started (job store %s): job %s next run %s",
-                         display_uri(url), JOB_ID, getattr(job, "next_run_time", None))
+                         redact(url), JOB_ID, getattr(job, "next_run_time", None))
 
             scheduler.add_listener(started, EVENT_SCHEDULER_STARTED)
             scheduler.start()  # blocks until stop()

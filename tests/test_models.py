@@ -192,12 +192,17 @@ def test_mlflow_needs_transformers_flavour(monkeypatch):
         load_model("models:/skl/1", device="cpu")
 
 
-def test_mlflow_uri_credentials_are_redacted():
-    from governance.models.loading import _redact_uri
+def test_mlflow_uri_credentials_are_redacted(monkeypatch):
+    import mlflow
 
-    assert _redact_uri("models://alice:s3cret@host/tiny/1") == "models://host/tiny/1"
-    assert _redact_uri("models:/tiny@prod") == "models:/tiny@prod"
-    assert _redact_uri("runs:/abc123/model") == "runs:/abc123/model"
+    def refuse(uri):
+        raise RuntimeError("Invalid url: http://alice:s3cr%2Ft/x@host:5000/api/2.0/mlflow")
+
+    monkeypatch.setattr(mlflow.models, "get_model_info", refuse)
+    with pytest.raises(ModelLoadError) as err:
+        load_model("models://alice:s3cret/x@host/tiny/1", device="cpu")
+    assert "s3cr" not in str(err.value) and "models://***@host/tiny/1" in str(err.value)
+    assert "http://***@host:5000" in str(err.value)
 
 
 # --- errors ---------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from torch import nn
 
 from governance.errors import ModelLoadError
 from governance.models.architectures import LAYOUTS, SUPPORTED_ARCHITECTURES, Anatomy, anatomy_of
+from governance.redaction import redact
 
 __all__ = ["LoadedModel", "load_model", "save_as_hf_dir", "weights_fingerprint"]
 
@@ -94,7 +95,7 @@ def load_model(
 
     if text.startswith(_MLFLOW_SCHEMES):
         kind = "mlflow"
-        shown = _redact_uri(text)
+        shown = redact(text)
         model, tokenizer = _load_mlflow(text, shown, target_dtype, trust_remote_code)
         _set_attn_implementation(model, attn_implementation)
     else:
@@ -120,10 +121,10 @@ def load_model(
             )
         elif re.match(r"^[A-Za-z][\w+.-]*:/", text):
             raise ModelLoadError(
-                f"model source {text!r} uses an unsupported URI scheme: {_EXPECTED}"
+                f"model source {redact(text)!r} uses an unsupported URI scheme: {_EXPECTED}"
             )
         else:
-            raise ModelLoadError(f"model source {text!r} does not exist: {_EXPECTED}")
+            raise ModelLoadError(f"model source {redact(text)!r} does not exist: {_EXPECTED}")
 
     anatomy = anatomy_of(model)  # raises ModelLoadError listing the supported architectures
     if not getattr(tokenizer, "is_fast", False):
@@ -227,11 +228,6 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _redact_uri(uri: str) -> str:
-    """Drop any `user:password@` from a URI so credentials never reach an audit record."""
-    return re.sub(r"^([A-Za-z][\w+.-]*:)//[^/@]*@", r"\1//", uri)
-
-
 def _check_config_model_type(config_path: Path, source: str) -> None:
     """Refuse an unsupported architecture before loading (possibly many GB of) weights."""
     try:
@@ -282,7 +278,8 @@ def _load_mlflow(
     try:
         flavors = mlflow.models.get_model_info(uri).flavors
     except Exception as exc:
-        raise ModelLoadError(f"could not resolve the MLflow model {shown!r}: {exc}") from exc
+        raise ModelLoadError(
+            f"could not resolve the MLflow model {shown!r}: {redact(exc)}") from exc
     flavor = flavors.get("transformers")
     if flavor is None:
         raise ModelLoadError(
@@ -304,7 +301,8 @@ def _load_mlflow(
     try:
         components = mlflow.transformers.load_model(uri, return_type="components", dtype=dtype)
     except Exception as exc:
-        raise ModelLoadError(f"could not load the MLflow model {shown!r}: {exc}") from exc
+        raise ModelLoadError(
+            f"could not load the MLflow model {shown!r}: {redact(exc)}") from exc
     model = components.get("model")
     tokenizer = components.get("tokenizer")
     if model is None or tokenizer is None:

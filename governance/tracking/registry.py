@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from governance.redaction import redact
 from governance.tracking.runs import (
     MAX_TAG,
     STATUSES,
@@ -38,11 +39,12 @@ def record_approval(
     completed_at: str | None = None,
 ) -> None:
     """Tag the model version with the audit outcome and append one line to its description
-    (what a person wrote there stays). Call only after the run is finished."""
+    (what a person wrote there stays); the summary is redacted of credentials. Call only
+    after the run is finished."""
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
     completed_at = completed_at or utc_now()
-    line = one_line(summary)
+    line = one_line(redact(summary))
     for key, value in ((V_STATUS, status), (V_RUN, run_id), (V_SPEC, spec_sha256),
                        (V_POLICY, policy_sha256), (V_COMPLETED, completed_at),
                        (V_SUMMARY, line)):
