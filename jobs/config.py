@@ -9,25 +9,22 @@ auth through `MLFLOW_TRACKING_USERNAME`/`MLFLOW_TRACKING_PASSWORD`, read by MLfl
 never stored here) and `PERSONA_AUDIT_*` (see `ENV_OVERRIDES`). Relative file paths in the
 file (spec, policy, artifact_location) are relative to the file; URIs go to MLflow and
 SQLAlchemy as they are (a relative `sqlite:///mlflow.db` is relative to the working
-directory, as in MLflow). `redact()` removes credentials from any text before it is logged
-or written.
+directory, as in MLflow). The passwords of the config's URIs are registered with
+`governance.redaction`, which removes them from every text that is logged or written.
 """
 
 from __future__ import annotations
 
-import base64
-import logging
 import os
-import re
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from governance.errors import ConfigError, format_validation_error
 from governance.files import read_yaml_mapping
+from governance.redaction import register_uri
 
 CONFIG_ENV = "PERSONA_AUDIT_CONFIG"
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"  # MLflow 3's own default
@@ -42,7 +39,6 @@ ENV_OVERRIDES: dict[str, str] = {
     "PERSONA_AUDIT_LEASE_URL": "lease.url",
     "PERSONA_AUDIT_JOBSTORE_URL": "schedule.jobstore_url",
 }
-SECRET_ENV = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 
 
 class _Strict(BaseModel):
@@ -270,63 +266,11 @@ def load_config(
         if value is not None:
             _set_dotted(raw, dotted, value)
     try:
-        return NightlyConfig.model_validate(raw)
+        config = NightlyConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, f"nightly config {path or '<defaults>'}"))\
             from exc
-
-
-# -- secrets --------------------------------------------------------------------------------
-
-_URI_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/@\s]+@")
-
-
-def _secrets() -> list[str]:
-    values = [os.environ[v] for v in SECRET_ENV if os.environ.get(v)]
-    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get(
-        "MLFLOW_TRACKING_PASSWORD")
-    if user and password:  # what an Authorization: Basic header would carry
-        values.append(base64.b64encode(f"{user}:{password}".encode()).decode())
-    return sorted((v for v in values if len(v) >= 3), key=len, reverse=True)
-
-
-def redact(text: Any) -> str:
-    """`text` with URL credentials (`scheme://user:pass@`) and the values of the MLflow
-    secret environment variables replaced by `***`."""
-    out = _URI_USERINFO.sub(r"\g<scheme>***@", str(text))
-    for secret in _secrets():
-        out = out.replace(secret, "***")
-    return out
-
-
-def display_uri(uri: str) -> str:
-    """A URI safe to print: credentials removed."""
-    parts = urlsplit(uri)
-    if parts.username or parts.password:
-        return redact(uri)
-    return uri
-
-
-class RedactingFilter(logging.Filter):
-    """A logging filter that redacts every record (ours and libraries') before it is written."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        try:
-            message = record.getMessage()
-        except Exception:  # a malformed record: leave it to the handler's own error path
-            return True
-        clean = redact(message)
-        if clean != message or record.args:
-            record.msg, record.args = clean, ()
-        if record.exc_info and record.exc_info[1] is not None:
-            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
-            record.exc_info = None
-        return True
-
-
-def install_redaction() -> None:
-    """Redact every handler of the root logger (call after logging is configured)."""
-    root = logging.getLogger()
-    for handler in root.handlers:
-        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
-            handler.addFilter(RedactingFilter())
+    for uri in (config.tracking_uri, config.registry_uri, config.lease.url,
+                config.schedule.jobstore_url):
+        register_uri(uri)
+    return config

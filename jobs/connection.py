@@ -12,13 +12,8 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
 from governance.errors import ConfigError, Unavailable
-from jobs.config import (
-    NightlyConfig,
-    display_uri,
-    redact,
-    sqlalchemy_url,
-    sqlite_path,
-)
+from governance.redaction import redact
+from jobs.config import NightlyConfig, sqlalchemy_url, sqlite_path
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -109,11 +104,11 @@ def connect(config: NightlyConfig) -> MlflowClient:
     from mlflow import MlflowClient
 
     r = config.retry
-    shown = display_uri(config.tracking_uri)
+    shown = redact(config.tracking_uri)
     with_retries(f"tracking store {shown}", lambda: probe(config.tracking_uri, r.timeout_s),
                  r.attempts, r.initial_delay_s, r.max_delay_s)
     if config.registry_uri and config.registry_uri != config.tracking_uri:
-        with_retries(f"registry {display_uri(config.registry_uri)}",
+        with_retries(f"registry {redact(config.registry_uri)}",
                      lambda: probe(config.registry_uri or "", r.timeout_s),
                      r.attempts, r.initial_delay_s, r.max_delay_s)
     client = MlflowClient(config.tracking_uri, config.registry_uri)

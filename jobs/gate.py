@@ -18,8 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from governance.redaction import redact
 from jobs.cli.exits import EXIT_BAD_INPUT, EXIT_FAIL, EXIT_PASS, EXIT_WARN
-from jobs.config import NightlyConfig, redact
+from jobs.config import NightlyConfig
 
 PASS, FAIL, NO_AUDIT, WARN = EXIT_PASS, EXIT_FAIL, EXIT_BAD_INPUT, EXIT_WARN
 
@@ -108,6 +109,4 @@ def gate(config: NightlyConfig, model: str, *, version: str | None = None,
 
 
 def tr_uri(config: NightlyConfig) -> str:
-    from jobs.config import display_uri
-
-    return display_uri(config.tracking_uri)
+    return redact(config.tracking_uri)

@@ -104,7 +104,7 @@ def _child(job: dict[str, Any], out: str) -> None:
         result = _audit(AuditJob(**job))
         result.save(out)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, then exit non-zero
-        from jobs.config import redact
+        from governance.redaction import redact
 
         message = redact(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
         Path(out, ERROR_FILE).write_text(json.dumps(
@@ -126,7 +126,7 @@ def _audit(job: AuditJob) -> AuditResult:
     if job.torch_threads:
         torch.set_num_threads(job.torch_threads)
     loaded = load_model(job.model_uri, device=job.device, dtype=job.dtype,
-                        trust_remote_code=job.trust_remote_code)
+                        trust_remote_code=job.trust_remote_code, allow_pickle=job.allow_pickle)
     loaded.identity["registered_name"] = job.registered_name
     loaded.identity["registered_version"] = job.registered_version
     return run_audit(loaded, AuditSpec.model_validate(job.spec), chunk_rows=job.chunk_rows,

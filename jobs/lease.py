@@ -32,7 +32,8 @@ from sqlalchemy import Column, Float, MetaData, String, Table, create_engine, de
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
-from jobs.config import redact, sqlalchemy_url
+from governance.redaction import redact
+from jobs.config import sqlalchemy_url
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ class LeaseStore:
             except (IntegrityError, OperationalError, ProgrammingError) as exc:
                 if attempt == 2:
                     raise RuntimeError(
-                        f"cannot create the lease table {TABLE} in {redact(self.url)}: {exc}"
+                        redact(f"cannot create the lease table {TABLE} in {self.url}: {exc}")
                     ) from exc
                 time.sleep(0.2 * (attempt + 1))
 

@@ -29,14 +29,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from governance.errors import GovernanceError
+from governance.redaction import redact
 from jobs.baseline import resolve_baseline
 from jobs.cli.exits import EXIT_INCOMPLETE, EXIT_OK
-from jobs.config import (
-    NightlyConfig,
-    display_uri,
-    load_config,
-    redact,
-)
+from jobs.config import NightlyConfig, load_config
 from jobs.connection import TrackingUnavailable, connect, mlflow_uris, probe, with_retries
 from jobs.isolation import AuditFailed, AuditJob, audit_in_child
 from jobs.spec import load_spec
@@ -142,7 +138,7 @@ def run_pass(config: NightlyConfig, *, models: list[str] | None = None,
         log.warning("no model version matched the config's selectors (%s)",
                     config.source or "<defaults>")
     log.info("nightly pass: %d versions selected in %s, experiment %r, spec %s",
-             len(targets), display_uri(config.tracking_uri), config.experiment, spec_sha[:12])
+             len(targets), redact(config.tracking_uri), config.experiment, spec_sha[:12])
     leases = LeaseStore(config.lease_url(), config.lease.ttl_s)
     try:
         for target in targets:
@@ -174,7 +170,7 @@ def _still_reachable(config: NightlyConfig) -> bool:
     the pass stops instead of failing every remaining version slowly."""
     r = config.retry
     try:
-        with_retries(f"tracking store {display_uri(config.tracking_uri)}",
+        with_retries(f"tracking store {redact(config.tracking_uri)}",
                      lambda: probe(config.tracking_uri, r.timeout_s), r.attempts,
                      r.initial_delay_s, r.max_delay_s)
     except TrackingUnavailable as exc:
@@ -302,7 +298,7 @@ def _run_audit(ctx: _Context, target: Target, work: Path) -> AuditResult:
     else:
         with mlflow_uris(ctx.config):
             loaded = load_model(target.uri, device=opts.device, dtype=opts.dtype,
-                                trust_remote_code=trusted)
+                                trust_remote_code=trusted, allow_pickle=trusted)
         loaded.identity["registered_name"] = target.name
         loaded.identity["registered_version"] = target.version
         with _torch_threads(opts.torch_threads):
@@ -388,7 +384,7 @@ def _record_error(ctx: _Context, target: Target, policy: PolicyRef, run_id: str,
     try:
         with tempfile.TemporaryDirectory(prefix="persona-gov-error-") as tmp:
             path = Path(tmp) / "error.txt"
-            path.write_text(f"{reason}\n\n{trace}")
+            path.write_text(redact(f"{reason}\n\n{trace}"))
             ctx.client.log_artifact(run_id, str(path))
     except Exception as exc:
         log.warning("could not log error.txt for run %s: %s", run_id, redact(exc))

@@ -41,7 +41,8 @@ from sqlalchemy import Column, Float, MetaData, String, Table, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
 from governance.errors import ConfigError
-from jobs.config import NightlyConfig, display_uri, redact
+from governance.redaction import redact
+from jobs.config import NightlyConfig
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +105,7 @@ class ScheduleState:
             except (IntegrityError, OperationalError, ProgrammingError) as exc:
                 if attempt == 2:
                     raise ConfigError(f"cannot create the schedule table {TABLE} in "
-                                      f"{display_uri(url)}: {redact(exc)}") from exc
+                                      f"{redact(url)}: {redact(exc)}") from exc
                 time.sleep(0.2 * (attempt + 1))
 
     def read(self, name: str) -> ScheduleRow | None:
@@ -176,7 +177,7 @@ def _recording_store(state: ScheduleState) -> Any:
             except Exception as exc:  # the scheduler keeps running on its in-memory state
                 log.error("could not record the next run of job %s in %s (a restart before "
                           "the next successful write may repeat or skip a run): %s", job_id,
-                          display_uri(state.url), redact(exc))
+                          redact(state.url), redact(exc))
 
     return RecordingJobStore()
 
@@ -250,7 +251,7 @@ def add_listeners(scheduler: Any, state: ScheduleState | None = None) -> None:
             state.record_fire(event.job_id, due.timestamp(), outcome)
         except Exception as exc:
             log.error("could not record the outcome of job %s (due %s) in %s: %s",
-                      event.job_id, due, display_uri(state.url), redact(exc))
+                      event.job_id, due, redact(state.url), redact(exc))
 
     scheduler.add_listener(on_event, ev.EVENT_JOB_ERROR | ev.EVENT_JOB_MISSED
                            | ev.EVENT_JOB_MAX_INSTANCES | ev.EVENT_JOB_EXECUTED)
@@ -322,7 +323,7 @@ def run_scheduler(config: NightlyConfig, *, cron: str | None = None,
     guard = LeaseStore(url, ttl_s=60)
     with guard.hold(f"scheduler:{JOB_ID}") as lease:
         if not lease.acquired:
-            raise ConfigError(f"another scheduler uses the job store {display_uri(url)} "
+            raise ConfigError(f"another scheduler uses the job store {redact(url)} "
                               f"({lease.holder.describe() if lease.holder else 'running'}): "
                               "run one scheduler per job store")
         scheduler, state = build_scheduler(config, timezone=tz)
@@ -344,7 +345,7 @@ def run_scheduler(config: NightlyConfig, *, cron: str | None = None,
             def started(_event: Any) -> None:
                 job = scheduler.get_job(JOB_ID)
                 log.info("scheduler started (schedule state in %s, table %s): job %s next "
-                         "run %s", display_uri(url), TABLE, JOB_ID,
+                         "run %s", redact(url), TABLE, JOB_ID,
                          getattr(job, "next_run_time", None))
 
             scheduler.add_listener(started, EVENT_SCHEDULER_STARTED)

@@ -1,6 +1,6 @@
 """The nightly config (jobs/config.py): precedence of flags, environment and file, paths
 relative to the config file, errors that name the file and the field, and redaction of
-credentials."""
+credentials (tests/test_redaction.py has the rest)."""
 
 import pytest
 import yaml
@@ -46,7 +46,7 @@ def test_config_errors_name_file_and_field(tmp_path, body, match):
 def test_redact(monkeypatch):
     import base64
 
-    from jobs.config import redact
+    from governance.redaction import redact
 
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "hunter2-xyz")
@@ -56,3 +56,15 @@ def test_redact(monkeypatch):
     clean = redact(text)
     assert "hunter2-xyz" not in clean and basic not in clean and "u:pw" not in clean
     assert "http://***@mlflow:5000/api" in clean and "postgresql://***@db/x" in clean
+
+
+def test_config_uri_passwords_are_redacted_everywhere(tmp_path):
+    """A password from the config file is removed even where it appears outside its URL."""
+    from governance.redaction import redact
+    from jobs.config import load_config
+
+    cfg = write_setup(tmp_path, "sqlite:///x.db",
+                      lease={"url": "postgresql://lease:Lz 7%2Fq@db:5432/leases"})
+    load_config(cfg, env={})
+    assert redact("psql: password 'Lz 7/q' rejected; Lz+7%2fq") == \
+        "psql: password '***' rejected; ***"

@@ -367,17 +367,19 @@ def test_mlflow_needs_transformers_flavour(mlflow_registry, tmp_path):
         load_model(uri, device="cpu")
 
 
-def test_mlflow_uri_credentials_are_redacted():
-    from governance.models.loading import _redact_uri, _scrub
+def test_mlflow_uri_credentials_are_redacted(monkeypatch):
+    """A failed download names the model without its password, and so does the error text
+    it passes on."""
+    import mlflow.artifacts
 
-    assert _redact_uri("models://alice:s3cret@host/tiny/1") == "models://host/tiny/1"
-    assert _redact_uri("models:/tiny@prod") == "models:/tiny@prod"
-    assert _redact_uri("runs:/abc123/model") == "runs:/abc123/model"
-    uri = "models://alice:s3cret@host/tiny/1"
-    message = f"no model at {uri} (store https://bob:hunter2@store.example/api)"
-    scrubbed = _scrub(message, uri, _redact_uri(uri))
-    assert "s3cret" not in scrubbed and "hunter2" not in scrubbed
-    assert "models://host/tiny/1" in scrubbed and "https://store.example/api" in scrubbed
+    def refuse(**kwargs):
+        raise RuntimeError("Invalid url: http://alice:s3cr%2Ft/x@host:5000/api/2.0/mlflow")
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", refuse)
+    with pytest.raises(ModelLoadError) as err:
+        load_model("models://alice:s3cret/x@host/tiny/1", device="cpu")
+    assert "s3cr" not in str(err.value) and "models://***@host/tiny/1" in str(err.value)
+    assert "http://***@host:5000" in str(err.value)
 
 
 # --- safety checks on local directories -----------------------------------------------------

@@ -35,6 +35,7 @@ from torch import nn
 
 from governance.errors import ModelLoadError
 from governance.models.architectures import LAYOUTS, SUPPORTED_ARCHITECTURES, Anatomy, anatomy_of
+from governance.redaction import redact
 
 __all__ = ["LoadedModel", "load_model", "save_as_hf_dir", "weights_fingerprint"]
 
@@ -128,7 +129,7 @@ def load_model(
     extra: dict[str, Any] = {}
     if text.startswith(_MLFLOW_SCHEMES):
         kind = "mlflow"
-        shown = _redact_uri(text)
+        shown = redact(text)
         model, tokenizer, extra = _load_mlflow(
             text, shown, target_dtype, trust_remote_code, attn_implementation, allow_pickle
         )
@@ -159,10 +160,10 @@ def load_model(
             )
         elif re.match(r"^[A-Za-z][\w+.-]*:/", text):
             raise ModelLoadError(
-                f"model source {text!r} uses an unsupported URI scheme: {_EXPECTED}"
+                f"model source {redact(text)!r} uses an unsupported URI scheme: {_EXPECTED}"
             )
         else:
-            raise ModelLoadError(f"model source {text!r} does not exist: {_EXPECTED}")
+            raise ModelLoadError(f"model source {redact(text)!r} does not exist: {_EXPECTED}")
 
     anatomy = anatomy_of(model)  # raises ModelLoadError listing the supported architectures
     if not getattr(tokenizer, "is_fast", False):
@@ -264,11 +265,6 @@ def _resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
 
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _redact_uri(uri: str) -> str:
-    """Drop any `user:password@` from a URI so credentials never reach an audit record."""
-    return re.sub(r"^([A-Za-z][\w+.-]*:)//[^/@]*@", r"\1//", uri)
 
 
 def _check_config_model_type(config_path: Path, source: str) -> None:
@@ -591,8 +587,8 @@ def _short(value: Any, limit: int = 80) -> str:
 
 
 def _scrub(message: str, uri: str, shown: str) -> str:
-    """An error message with the URI as shown and any `scheme://user:password@` removed."""
-    return re.sub(r"([A-Za-z][\w+.-]*:)//[^/@\s]*@", r"\1//", message.replace(uri, shown))
+    """An error message with the URI as shown and every credential redacted."""
+    return redact(message.replace(uri, shown))
 
 
 def _identity(model: nn.Module, anatomy: Anatomy, source: str, kind: str) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
+from governance.redaction import redact
 from governance.tracking.runs import (
     MAX_TAG,
     PREFIX,
@@ -51,11 +52,12 @@ def record_approval(
     holding the whole record as JSON (a single write, so a crash leaves the old complete
     record or the new one), then the per-field `persona_audit.*` tags, then one line in the
     description (what a person wrote there stays; only the newest `MAX_ENTRIES` audit lines
-    are kept, within MLflow's length limit). Call only after the run is finished."""
+    are kept, within MLflow's length limit). The summary is redacted of credentials. Call
+    only after the run is finished."""
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
     completed_at = completed_at or utc_now()
-    line = one_line(summary)
+    line = one_line(redact(summary))
     fields = {V_STATUS: status, V_RUN: run_id, V_SPEC: spec_sha256, V_POLICY: policy_sha256,
               V_POLICY_NAME: policy_name or "", V_COMPLETED: completed_at, V_SUMMARY: line}
     record = {k.removeprefix(PREFIX): v for k, v in fields.items()}

@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from governance.audit.result import AuditResult
 
 from governance.errors import DriftError
+from governance.redaction import redact
 
 PREFIX = "persona_audit."
 # run tags
@@ -324,14 +325,16 @@ def log_extra(client: MlflowClient, run_id: str, artifacts: Mapping[str, str | P
 def finish_audit_run(client: MlflowClient, run_id: str, status: str, summary: str,
                      reason: str | None = None) -> None:
     """Mark the run: `completed` with its verdict status (every artifact is logged by now),
-    or `error` with the reason (the run ends FAILED and never counts as an audit)."""
+    or `error` with the reason (the run ends FAILED and never counts as an audit). Both texts
+    are redacted of credentials."""
     from mlflow.entities import RunTag
 
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
-    tags = [RunTag(T_STATUS, status), RunTag(T_SUMMARY, one_line(summary, MAX_TAG))]
+    tags = [RunTag(T_STATUS, status), RunTag(T_SUMMARY, one_line(redact(summary), MAX_TAG))]
     if status == "error":
-        tags += [RunTag(T_STATE, "error"), RunTag(T_REASON, one_line(reason or summary, MAX_TAG))]
+        tags += [RunTag(T_STATE, "error"),
+                 RunTag(T_REASON, one_line(redact(reason or summary), MAX_TAG))]
     else:
         tags.append(RunTag(T_STATE, "completed"))
     client.log_batch(run_id, tags=tags)

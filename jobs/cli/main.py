@@ -22,6 +22,7 @@ import sys
 import traceback
 
 from governance.errors import GovernanceError, Unavailable
+from governance.redaction import install_redaction, redact, redacted_output
 from jobs.cli.exits import EXIT_BAD_INPUT, EXIT_INCOMPLETE, EXIT_INTERRUPTED, epilog
 
 log = logging.getLogger("governance")
@@ -49,27 +50,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    for noisy in ("urllib3", "filelock", "httpx", "great_expectations", "alembic",
-                  "mlflow.system_metrics", "mlflow.transformers", "mlflow.store"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # credentials never reach the terminal: every log record, and everything written to
+    # stdout and stderr (ours, and what libraries print themselves), is redacted
+    with redacted_output():
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(
+            level=logging.DEBUG if args.verbose else logging.INFO,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        for noisy in ("urllib3", "filelock", "httpx", "great_expectations", "alembic",
+                      "mlflow.system_metrics", "mlflow.transformers", "mlflow.store"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+        install_redaction()
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args) or 0)
     except Unavailable as exc:
-        print(f"persona-gov {args.command}: error: {exc}", file=sys.stderr)
+        print(f"persona-gov {args.command}: error: {redact(exc)}", file=sys.stderr)
         return EXIT_INCOMPLETE
     except GovernanceError as exc:
-        print(f"persona-gov {args.command}: error: {exc}", file=sys.stderr)
+        print(f"persona-gov {args.command}: error: {redact(exc)}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"persona-gov {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception:
-        traceback.print_exc()
+        print(redact(traceback.format_exc()), end="", file=sys.stderr)
         print(f"persona-gov {args.command}: unexpected error (traceback above)", file=sys.stderr)
         return EXIT_INCOMPLETE
 

@@ -51,9 +51,8 @@ def _interrupt(signum: int, _frame: Any) -> None:
 
 
 def _cmd_nightly(args: argparse.Namespace) -> int:
-    from jobs.config import install_redaction, load_config
+    from jobs.config import load_config
 
-    install_redaction()
     config = load_config(args.config)
     if not args.once:
         from jobs.scheduler import run_scheduler
@@ -105,10 +104,9 @@ def add_gate(sub: Any) -> None:
 
 
 def _cmd_gate(args: argparse.Namespace) -> int:
-    from jobs.config import install_redaction, load_config
+    from jobs.config import load_config
     from jobs.gate import gate
 
-    install_redaction()
     result = gate(load_config(args.config), args.model, version=args.version,
                   alias=args.alias, warn_fails=args.warn_fails)
     print(result.reason, file=sys.stdout if result.code == 0 else sys.stderr)
@@ -138,8 +136,7 @@ def add_schedule(sub: Any) -> None:
 
 
 def _cmd_schedule(args: argparse.Namespace) -> int:
-    from jobs.config import install_redaction, load_config
+    from jobs.config import load_config
     from jobs.scheduler import run_scheduler
 
-    install_redaction()
     return run_scheduler(load_config(args.config), cron=args.cron, timezone=args.timezone)
