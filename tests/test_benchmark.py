@@ -117,3 +117,13 @@ def test_low_precision_tolerance_scales_with_the_logits():
     ours = [(torch.tensor([[40.0, -3.0]]),)]
     assert logit_tolerance("float32", ours) == 1e-4
     assert logit_tolerance("bfloat16", ours) == pytest.approx(2 * 2**-7 * 40)
+
+
+def test_low_precision_without_a_peer_skips_the_reference(capsys):
+    """With no loop and no TransformerLens there is nothing to compare with: the script says
+    so and runs no float32 reference (on an 8B shape that would double the run)."""
+    assert main([*TINY, "--dtype", "bfloat16", "--skip-baseline",
+                 "--transformer-lens", "off"]) == 0
+    out = capsys.readouterr().out
+    assert "not checked against a float32 reference" in out
+    assert "error against the float32 reference" not in out
