@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +34,18 @@ from torch import nn
 
 from governance.errors import ModelLoadError
 from governance.models.architectures import LAYOUTS, SUPPORTED_ARCHITECTURES, Anatomy, anatomy_of
+from governance.models.mlflow_artifacts import (
+    COMPONENTS_DIR,
+    flavor_dirs,
+    relative,
+    transformers_flavor,
+)
+from governance.models.safety import (
+    check_weights,
+    config_code_requests,
+    flavor_code_requests,
+    refuse_custom_code,
+)
 from governance.redaction import redact
 
 __all__ = ["LoadedModel", "load_model", "save_as_hf_dir", "weights_fingerprint"]
@@ -49,18 +60,6 @@ _DTYPES: dict[str, torch.dtype] = {
     "fp16": torch.float16,
 }
 _FINGERPRINT_ELEMENTS = 4096
-# Keys of a saved *config.json that make transformers fetch or run code of the model's own.
-_CODE_KEYS = ("auto_map", "custom_pipelines")
-# Keys of a saved *config.json that name classes; each must be a class transformers ships.
-_CLASS_KEYS = (
-    "architectures", "tokenizer_class", "processor_class", "feature_extractor_type",
-    "image_processor_type", "video_processor_type",
-)
-# Flavour keys that ask MLflow for custom pipelines outright.
-_FLAVOR_CODE_KEYS = ("auto_map", "custom_pipeline", "custom_pipelines")
-_SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
-_MLFLOW_COMPONENTS_DIR = "components"
 _EXPECTED = (
     "expected a Hugging Face model directory (with config.json), a .gguf file, or an MLflow "
     "model URI (models:/name/version, models:/name@alias, models:/m-<id>, runs:/<run_id>/<path>)"
@@ -140,10 +139,10 @@ def load_model(
             if not (path / "config.json").is_file():
                 raise ModelLoadError(f"model source {text!r} has no config.json: {_EXPECTED}")
             kind = "hf_dir"
-            requests = _config_code_requests([(path, "")])
-            _refuse_custom_code(requests, f"model source {text!r}", trust_remote_code)
+            requests = config_code_requests([(path, "")])
+            refuse_custom_code(requests, f"model source {text!r}", trust_remote_code)
             _check_config_model_type(path / "config.json", text)
-            use_safetensors = _check_weights(path, "", f"model source {text!r}", allow_pickle)
+            use_safetensors = check_weights(path, "", f"model source {text!r}", allow_pickle)
             model, tokenizer = _load_pretrained(
                 path, path, text, target_dtype, trust_remote_code, attn_implementation,
                 use_safetensors=use_safetensors,
@@ -334,23 +333,23 @@ def _load_mlflow(
                 f"could not resolve the MLflow model {shown!r}: {_scrub(str(exc), uri, shown)}"
             ) from exc
         root = Path(local)
-        flavor, meta = _transformers_flavor(root, what)
-        model_dir, tokenizer_dir = _flavor_dirs(root, flavor, what)
-        scanned = [(model_dir, _relative(model_dir, root))]
-        components = root / _MLFLOW_COMPONENTS_DIR
+        flavor, meta = transformers_flavor(root, what)
+        model_dir, tokenizer_dir = flavor_dirs(root, flavor, what)
+        scanned = [(model_dir, relative(model_dir, root))]
+        components = root / COMPONENTS_DIR
         if components.is_dir():
             scanned += [
-                (sub, _relative(sub, root)) for sub in sorted(components.iterdir()) if sub.is_dir()
+                (sub, relative(sub, root)) for sub in sorted(components.iterdir()) if sub.is_dir()
             ]
-        requests = _flavor_code_requests(flavor) + _config_code_requests(scanned)
-        _refuse_custom_code(requests, what, trust_remote_code)
+        requests = flavor_code_requests(flavor) + config_code_requests(scanned)
+        refuse_custom_code(requests, what, trust_remote_code)
         if not (model_dir / "config.json").is_file():
             raise ModelLoadError(
-                f"{what}: its model directory {_relative(model_dir, root)} has no config.json"
+                f"{what}: its model directory {relative(model_dir, root)} has no config.json"
             )
         _check_config_model_type(model_dir / "config.json", shown)
-        use_safetensors = _check_weights(
-            model_dir, _relative(model_dir, root), what, allow_pickle
+        use_safetensors = check_weights(
+            model_dir, relative(model_dir, root), what, allow_pickle
         )
         model, tokenizer = _load_pretrained(
             model_dir, tokenizer_dir, shown, dtype, trust_remote_code, attn_implementation,
@@ -365,225 +364,6 @@ def _load_mlflow(
         if isinstance(value, str | int | float) and not isinstance(value, bool):
             extra[key] = str(value)[:200]
     return model, tokenizer, extra
-
-
-def _transformers_flavor(root: Path, what: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The transformers flavour of the MLmodel file under `root`, and the whole file."""
-    import yaml
-
-    mlmodel = root / "MLmodel"
-    if not mlmodel.is_file():
-        raise ModelLoadError(
-            f"{what} has no MLmodel file: expected a model logged with "
-            "mlflow.transformers.log_model"
-        )
-    try:
-        meta = yaml.safe_load(mlmodel.read_text(encoding="utf-8"))
-    except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise ModelLoadError(f"{what}: cannot read its MLmodel file: {exc}") from exc
-    flavors = meta.get("flavors") if isinstance(meta, dict) else None
-    if not isinstance(flavors, dict):
-        raise ModelLoadError(f"{what}: its MLmodel file has no flavours")
-    flavor = flavors.get("transformers")
-    if not isinstance(flavor, dict):
-        raise ModelLoadError(
-            f"{what} has no transformers flavour (flavours: "
-            f"{', '.join(sorted(map(str, flavors))) or 'none'}): expected a model logged with "
-            "mlflow.transformers.log_model"
-        )
-    return flavor, meta
-
-
-def _flavor_dirs(root: Path, flavor: dict[str, Any], what: str) -> tuple[Path, Path]:
-    """The model and tokenizer directories a transformers flavour saved under `root`."""
-    if flavor.get("peft_adaptor") is not None:
-        raise ModelLoadError(
-            f"{what} carries a PEFT adapter (transformers flavour peft_adaptor), which this "
-            "loader does not apply: log the model with the adapter merged into its weights"
-        )
-    if flavor.get("local_base_model_path") is not None:
-        raise ModelLoadError(
-            f"{what} points at base weights outside its artifacts (transformers flavour "
-            "local_base_model_path): log the model with its weights"
-        )
-    if flavor.get("source_model_revision") is not None:
-        raise ModelLoadError(
-            f"{what} has no weights in its artifacts (logged with save_pretrained=False; "
-            "transformers flavour source_model_revision) and models are never downloaded from "
-            "a model hub here: log it with save_pretrained=True"
-        )
-    model_dir = _inside(root, flavor.get("model_binary", "pipeline"), "model_binary", what)
-    components = flavor.get("components") or []
-    if not isinstance(components, list) or "tokenizer" not in components:
-        raise ModelLoadError(
-            f"{what} has no tokenizer component (transformers flavour components: "
-            f"{_short(components)}): expected a model logged with a tokenizer"
-        )
-    tokenizer_dir = root / _MLFLOW_COMPONENTS_DIR / "tokenizer"
-    if not tokenizer_dir.is_dir():
-        raise ModelLoadError(
-            f"{what} has no tokenizer directory ({_MLFLOW_COMPONENTS_DIR}/tokenizer)"
-        )
-    return model_dir, tokenizer_dir
-
-
-def _inside(root: Path, relative: Any, key: str, what: str) -> Path:
-    """`root / relative` when it is a directory that stays inside `root`."""
-    base = root.resolve()
-    if isinstance(relative, str) and relative and not os.path.isabs(relative):
-        path = (root / relative).resolve()
-        if path != base and path.is_relative_to(base) and path.is_dir():
-            return path
-    raise ModelLoadError(
-        f"{what}: transformers flavour {key} {_short(relative)} is not a directory inside "
-        "the model's artifacts"
-    )
-
-
-def _flavor_code_requests(flavor: dict[str, Any]) -> list[str]:
-    """What a transformers flavour asks MLflow for beyond transformers' own classes: every
-    `*_type` entry (pipeline_model_type, instance_type, tokenizer_type, processor_type, ...)
-    must name a class transformers ships; custom pipelines are asked for outright."""
-    requests = []
-    for key, value in flavor.items():
-        name = str(key)
-        if name in _FLAVOR_CODE_KEYS:
-            requests.append(f"transformers flavour {name}")
-        elif name.endswith("_type") and not (isinstance(value, str) and _ships(value)):
-            requests.append(f"transformers flavour {name} {_short(value)}")
-    return requests
-
-
-def _config_code_requests(directories: list[tuple[Path, str]]) -> list[str]:
-    """What the `*config.json` files in `directories` (each with the prefix that names it in
-    messages) ask transformers for beyond its own classes."""
-    requests = []
-    for directory, label in directories:
-        for file in sorted(directory.glob("*config.json")):
-            where = f"{label}{file.name}"
-            try:
-                data = json.loads(file.read_text(encoding="utf-8"))
-            except (OSError, ValueError, RecursionError) as exc:
-                raise ModelLoadError(f"cannot read {where}: {exc}") from exc
-            for key, value in _entries(data):
-                if key in _CODE_KEYS:
-                    requests.append(f"{where}: {key}")
-                elif key in _CLASS_KEYS:
-                    names = value if isinstance(value, list) else [value]
-                    requests += [
-                        f"{where}: {key} {_short(name)}"
-                        for name in names
-                        if name is not None and not (isinstance(name, str) and _ships(name))
-                    ]
-        if (directory / "custom_generate").exists():
-            requests.append(f"{label}custom_generate/")
-    return requests
-
-
-def _refuse_custom_code(requests: list[str], what: str, trust_remote_code: bool) -> None:
-    if requests and not trust_remote_code:
-        raise ModelLoadError(
-            f"{what} asks for code that transformers does not ship ({'; '.join(requests)}); "
-            "refused: pass trust_remote_code=True to let transformers run the model "
-            "directory's own code"
-        )
-
-
-def _entries(data: Any) -> Iterator[tuple[str, Any]]:
-    """Every (key, value) of every JSON object in `data`, at any depth."""
-    stack = [data]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            for key, value in item.items():
-                yield str(key), value
-                stack.append(value)
-        elif isinstance(item, list):
-            stack.extend(item)
-
-
-def _ships(name: str) -> bool:
-    """Whether transformers itself ships a class of this name."""
-    import transformers
-
-    if not name.isidentifier() or name.startswith("_"):
-        return False
-    try:
-        found = getattr(transformers, name)
-    except Exception:  # a shipped class whose optional backend is missing still counts
-        return name in dir(transformers)
-    return isinstance(found, type)
-
-
-def _check_weights(directory: Path, label: str, what: str, allow_pickle: bool) -> bool | None:
-    """Refuse weights that transformers would take from elsewhere (a PEFT adapter's base) or
-    unpickle (unless `allow_pickle`); returns the `use_safetensors` to load with (True:
-    safetensors only; None: transformers' choice)."""
-    if (directory / "adapter_config.json").is_file():
-        raise ModelLoadError(
-            f"{what} is a PEFT adapter ({label}adapter_config.json), whose base weights "
-            "transformers would load from wherever the adapter names: merge the adapter into "
-            "the weights first"
-        )
-    if allow_pickle:
-        return None
-    # The file transformers picks: the one config.json names, else model.safetensors, else
-    # the safetensors index (whose shards may be any files), else pickle files.
-    explicit = _explicit_weights(directory / "config.json")
-    index: Path | None = None
-    pickled = []
-    if explicit is not None:
-        if explicit.endswith(".safetensors.index.json"):
-            index = directory / explicit
-        elif not explicit.endswith(".safetensors"):
-            pickled.append(f"{label}config.json transformers_weights {_short(explicit)}")
-    elif (directory / _SAFE_WEIGHTS[1]).is_file() and not (directory / _SAFE_WEIGHTS[0]).is_file():
-        index = directory / _SAFE_WEIGHTS[1]
-    elif not (directory / _SAFE_WEIGHTS[0]).is_file():
-        pickled += [f"{label}{file.name}" for file in sorted(directory.iterdir())
-                    if file.is_file() and file.name.endswith(_PICKLE_SUFFIXES)]
-    if index is not None and index.is_file():
-        pickled += [f"{label}{index.name} shard {_short(shard)}" for shard in _shards(index)
-                    if not shard.endswith(".safetensors")]
-    if pickled:
-        raise ModelLoadError(
-            f"{what} has pickle-based weights ({', '.join(pickled)}), which can run code when "
-            "loaded; only safetensors weights load unless allow_pickle=True"
-        )
-    return True
-
-
-def _explicit_weights(config_path: Path) -> str | None:
-    """The weights file a config.json names itself (`transformers_weights`), if any."""
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return None  # a missing or unreadable config fails later, with transformers' message
-    value = config.get("transformers_weights") if isinstance(config, dict) else None
-    return None if value is None else str(value)
-
-
-def _shards(index: Path) -> list[str]:
-    """The shard file names a safetensors index maps its tensors to."""
-    try:
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map") or {}
-        return sorted(set(map(str, weight_map.values())))
-    except (OSError, ValueError, RecursionError, AttributeError) as exc:
-        raise ModelLoadError(f"cannot read {index.name}: {exc}") from exc
-
-
-def _relative(path: Path, root: Path) -> str:
-    """`path` as a prefix for messages, relative to the artifact root (`model/`)."""
-    try:
-        return f"{path.resolve().relative_to(root.resolve()).as_posix()}/"
-    except ValueError:
-        return f"{path}/"
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    """repr() of a value from an untrusted file, cut to `limit` characters."""
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _scrub(message: str, uri: str, shown: str) -> str:
