@@ -23,6 +23,7 @@ import base64
 import html
 import json
 import math
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -56,6 +57,9 @@ th{background:#f6f8fa} td.num{text-align:right;font-variant-numeric:tabular-nums
 .row-fail td{background:#ffebe9} .row-warn td{background:#fff8c5} img{max-width:100%;
   height:auto;border:1px solid #d0d7de;margin:4px 0} .note{background:#f6f8fa;padding:8px;
   border-left:4px solid #8c959f}
+table.findings{display:table;width:100%;table-layout:auto} table.findings td{
+  overflow-wrap:break-word} table.findings tr.evidence td{border-top:none;padding:0 6px 6px 24px;
+  color:#1f2328}
 """
 
 
@@ -67,7 +71,7 @@ def _fmt(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
         return ""
     if isinstance(value, (float, np.floating)):
-        return f"{value:.4g}"
+        return f"{value:.3g}"
     if isinstance(value, (dict, list, tuple)):
         return json.dumps(value, default=str)
     return str(value)
@@ -96,6 +100,35 @@ def table_html(frame: pd.DataFrame, *, row_class: str | None = None, limit: int 
     return f"<table><tr>{head}</tr>{''.join(rows)}</table>{more}"
 
 
+FINDING_FIELDS = ("outcome", "rule", "scope", "observed", "threshold", "severity")
+
+
+def findings_html(frame: pd.DataFrame) -> str:
+    """Policy findings, one row of short fields each with its evidence (which pair, layer or
+    head) on a full-width row beneath, so the table fits a narrow frame without clipping."""
+    if frame is None or frame.empty:
+        return '<p class="muted">(none)</p>'
+    cols = [c for c in FINDING_FIELDS if c in frame.columns]
+    head = "".join(f"<th>{_esc(c)}</th>" for c in cols)
+    rows = []
+    for _, rec in frame.iterrows():
+        cls = f"row-{_esc(rec['outcome'])}" if "outcome" in frame.columns else ""
+        cells = "".join(f'<td class="num">{_esc(_fmt(rec[c]))}</td>'
+                        if c in ("observed", "threshold") else f"<td>{_breakable(rec[c])}</td>"
+                        for c in cols)
+        rows.append(f'<tr class="{cls}">{cells}</tr>')
+        evidence = rec.get("evidence")
+        if isinstance(evidence, str) and evidence:
+            rows.append(f'<tr class="{cls} evidence"><td colspan="{len(cols)}">'
+                        f"{_esc(evidence)}</td></tr>")
+    return f'<table class="findings"><tr>{head}</tr>{"".join(rows)}</table>'
+
+
+def _breakable(value: Any) -> str:
+    """Escaped text that may wrap after `_ . = / : ,` (rule names and scopes are long words)."""
+    return re.sub(r"([_.=/:,])", r"\1<wbr>", _esc(_fmt(value)))
+
+
 def _kv_table(mapping: dict[str, Any]) -> str:
     rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(_fmt(v))}</td></tr>"
                    for k, v in mapping.items())
@@ -113,8 +146,8 @@ def _verdict_section(verdict: Any) -> str:
                 "it shows the audit's evidence only.</p>")
     status = str(getattr(verdict, "status", "unknown"))
     colour = STATUS_COLOURS.get(status, "#59636e")
-    parts = [f'<h2>Verdict <span class="badge" style="background:{colour}">{_esc(status)}'
-             "</span></h2>"]
+    parts = [f'<h2 class="verdict">Verdict <span class="badge" style="background:{colour}">'
+             f"{_esc(status)}</span></h2>"]
     summary = getattr(verdict, "summary", None)
     if isinstance(summary, dict):
         parts.append(_kv_table(summary))
@@ -129,11 +162,11 @@ def _verdict_section(verdict: Any) -> str:
         ).sort_values("_order", kind="stable").drop(columns="_order")
         flagged = ordered[ordered["outcome"].astype(str) != "pass"]
         passed = ordered[ordered["outcome"].astype(str) == "pass"]
-        parts.append(f"<h3>Failed and warning rules ({len(flagged)})</h3>")
-        parts.append(table_html(flagged, row_class="outcome") if len(flagged)
+        parts.append(f'<h3 class="flagged">Failed and warning rules ({len(flagged)})</h3>')
+        parts.append(findings_html(flagged) if len(flagged)
                      else '<p class="muted">none</p>')
         parts.append(f"<details><summary>Passing rules ({len(passed)})</summary>"
-                     f"{table_html(passed)}</details>")
+                     f"{findings_html(passed)}</details>")
     else:
         parts.append('<p class="muted">The verdict has no findings table.</p>')
     return "".join(parts)

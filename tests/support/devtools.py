@@ -23,7 +23,7 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
     "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic",
-    "--window-size=1800,1100", "--remote-debugging-pipe",
+    "--window-size=1280,800", "--remote-debugging-pipe",
 ]
 
 
@@ -172,18 +172,26 @@ class Rendered:
     iframe_images: list
     iframe_errors: list
     page_errors: list
+    check: object = None  # what the `check` expression returned inside the iframe
 
 
-def open_artifact(devtools: DevTools, url: str, expect_text: str,
-                   timeout: float = 60.0) -> Rendered:
-    """Open an MLflow UI URL in a fresh tab, wait for the artifact iframe to show
-    `expect_text`, and return what the iframe holds, its errors and a screenshot."""
+VIEWPORT = (1280, 800)  # a laptop's browser window: what the report must fit
+
+
+def open_artifact(devtools: DevTools, url: str, expect_text: str, timeout: float = 60.0,
+                  check: str | None = None) -> Rendered:
+    """Open an MLflow UI URL in a fresh tab of `VIEWPORT` size, wait for the artifact iframe
+    to show `expect_text`, and return what the iframe holds, its errors, a screenshot and
+    the value of the JavaScript expression `check` evaluated inside the iframe."""
     target = devtools.send("Target.createTarget", {"url": "about:blank"})["targetId"]
     session = devtools.send("Target.attachToTarget",
                             {"targetId": target, "flatten": True})["sessionId"]
     devtools.errors.clear()
     for method in ("Page.enable", "Runtime.enable", "Log.enable"):
         devtools.send(method, session=session)
+    devtools.send("Emulation.setDeviceMetricsOverride",
+                  {"width": VIEWPORT[0], "height": VIEWPORT[1], "deviceScaleFactor": 1,
+                   "mobile": False}, session=session)
     devtools.send("Target.setAutoAttach", {"autoAttach": True, "waitForDebuggerOnStart": True,
                                            "flatten": True}, session=session)
     devtools.send("Page.navigate", {"url": url}, session=session)
@@ -202,6 +210,7 @@ def open_artifact(devtools: DevTools, url: str, expect_text: str,
     devtools.pump(2.0)  # let images decode and late errors arrive
     images = devtools.evaluate(
         "Array.from(document.images).map(i => [i.complete, i.naturalWidth])", *where) or []
+    checked = devtools.evaluate(check, *where) if check else None
     rect = json.loads(devtools.evaluate(
         "JSON.stringify(document.querySelector('iframe').getBoundingClientRect())",
         session=session))
@@ -215,7 +224,7 @@ def open_artifact(devtools: DevTools, url: str, expect_text: str,
                      or e["url"].startswith("blob:")]
     page_errors = [e for e in errors if e not in iframe_errors]
     devtools.send("Target.closeTarget", {"targetId": target})
-    return Rendered(shot, rect, text, images, iframe_errors, page_errors)
+    return Rendered(shot, rect, text, images, iframe_errors, page_errors, checked)
 
 
 def child_frames(devtools: DevTools, session: str) -> set[str]:
