@@ -148,6 +148,8 @@ def _findings(client, run_id: str | None) -> tuple[list[str], str | None]:
     """Top non-passing findings and the drift report's largest head change of a run."""
     import pandas as pd
 
+    from governance.judge.policy.base import fmt
+
     if not run_id:
         return [], None
     from mlflow.artifacts import download_artifacts
@@ -159,9 +161,9 @@ def _findings(client, run_id: str | None) -> tuple[list[str], str | None]:
                                   tracking_uri=client.tracking_uri)
         findings = pd.read_csv(path)
         bad = findings[findings["outcome"] != "pass"].head(3)
-        lines = [f"{r.outcome:<5} {r.rule}: {r.scope} observed {r.observed} (limit "
-                 f"{r.threshold}) {r.evidence if isinstance(r.evidence, str) else ''}".rstrip()
-                 for r in bad.itertuples()]
+        lines = [f"{r.outcome:<5} {r.rule}: {r.scope} observed {fmt(r.observed)} (limit "
+                 f"{fmt(r.threshold)}) {r.evidence if isinstance(r.evidence, str) else ''}"
+                 .rstrip() for r in bad.itertuples()]
     except Exception as exc:  # a run without a verdict (error) has no findings
         log.debug("no findings for %s: %s", run_id, exc)
     try:

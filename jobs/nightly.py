@@ -262,6 +262,7 @@ def _audit_version(ctx: _Context, target: Target, policy: PolicyRef, tags: dict[
         record_approval(ctx.client, target.name, target.version, status=decision.status,
                            run_id=run_id, spec_sha256=ctx.spec_sha,
                            policy_sha256=policy.sha256, policy_name=policy.name,
+                           experiment_id=ctx.experiment_id,
                            summary=summary)
         return Outcome(target.name, target.version, decision.status, tr.one_line(summary),
                        run_id)
@@ -396,6 +397,7 @@ def _record_error(ctx: _Context, target: Target, policy: PolicyRef, run_id: str,
         record_approval(ctx.client, target.name, target.version, status="error",
                            run_id=run_id, spec_sha256=ctx.spec_sha,
                            policy_sha256=policy.sha256, policy_name=policy.name,
+                           experiment_id=ctx.experiment_id,
                            summary=f"error: {reason}")
     except Exception as exc:
         log.error("could not record the error on %s: %s", target.label, redact(exc))

@@ -176,6 +176,10 @@ def test_approval_record(registry):
     # the person's text stays; the audit line is appended after it
     assert mv.description.startswith(HUMAN_NOTE + "\n\n[persona audit ")
     assert run.info.run_id in mv.description
+    # the newest line links to its run in MLflow's UI and names the policy
+    newest = mv.description.split("\n\n")[1]
+    assert f"(#/experiments/{run.info.experiment_id}/runs/{run.info.run_id})" in newest
+    assert f"policy {run.data.tags['persona_audit.policy_name']!r}" in newest
     # the approval record is written after the run finished
     assert run.info.end_time <= int(done.timestamp() * 1000) + 1000
 

@@ -172,7 +172,7 @@ def test_finish_rejects_unknown_status(client, experiment):
         tr.finish_audit_run(client, run_id, "ok", "fine")
 
 
-def test_record_approval_appends(client):
+def test_record_approval_adds_the_newest_line_first(client):
     client.create_registered_model("approved")
     client.create_model_version("approved", "/nowhere", description="Written by a person.")
     for status in ("pass", "fail"):
@@ -184,9 +184,9 @@ def test_record_approval_appends(client):
     assert mv.tags[tr.V_SUMMARY] == "FAIL: first line second"  # one line
     assert mv.tags[tr.V_COMPLETED].endswith("Z")
     lines = mv.description.split("\n\n")
-    assert lines[0] == "Written by a person."
-    assert lines[1].startswith("[persona audit ") and "PASS" in lines[1]
-    assert "FAIL" in lines[2] and "run-fail" in lines[2]
+    assert lines[0] == "Written by a person."  # the person's text first, untouched
+    assert lines[1].startswith("[persona audit ") and "**FAIL**" in lines[1]  # newest first
+    assert "run-fail" in lines[1] and "**PASS**" in lines[2] and len(lines) == 3
 
 
 def test_deleted_experiment_is_a_clear_error(client):

@@ -151,8 +151,8 @@ def test_description_keeps_the_persons_text_and_a_bounded_tail():
     blocks = text.split("\n\n")
     assert blocks[0] == person and len(text) <= MAX_DESCRIPTION
     assert len(blocks) - 1 <= MAX_ENTRIES
-    assert blocks[-1].startswith(f"[persona audit {MAX_ENTRIES + 4:03d}]")  # the newest kept
-    assert not any("[persona audit 000]" in b for b in blocks)  # the oldest dropped first
+    assert blocks[1].startswith(f"[persona audit {MAX_ENTRIES + 4:03d}]")  # newest first
+    assert not any("[persona audit 000]" in b for b in blocks)  # the oldest dropped
     assert with_entry("y" * MAX_DESCRIPTION, "[persona audit x] PASS") is None  # never cut
     assert with_entry("", "[persona audit x] PASS") == "[persona audit x] PASS"
 

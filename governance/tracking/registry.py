@@ -46,14 +46,16 @@ def record_approval(
     policy_sha256: str,
     summary: str,
     policy_name: str | None = None,
+    experiment_id: str | None = None,
     completed_at: str | None = None,
 ) -> None:
     """Write the approval record on the model version: first `persona_audit.record`, one tag
     holding the whole record as JSON (a single write, so a crash leaves the old complete
     record or the new one), then the per-field `persona_audit.*` tags, then one line in the
-    description (what a person wrote there stays; only the newest `MAX_ENTRIES` audit lines
-    are kept, within MLflow's length limit). The summary is redacted of credentials. Call
-    only after the run is finished."""
+    description, newest first under what a person wrote there (which stays), with a link to
+    the audit run that MLflow's UI follows (`experiment_id` given). Only the newest
+    `MAX_ENTRIES` audit lines are kept, within MLflow's length limit. The summary is redacted
+    of credentials. Call only after the run is finished."""
     if status not in STATUSES:
         raise ValueError(f"status must be one of {STATUSES}, got {status!r}")
     completed_at = completed_at or utc_now()
@@ -70,8 +72,10 @@ def record_approval(
         client.set_model_version_tag(name, version, key, value[:MAX_TAG])
     policy = f"policy {policy_name!r} {policy_sha256[:12]}" if policy_name else (
         f"policy {policy_sha256[:12]}")
-    entry = (f"{ENTRY_PREFIX}{completed_at}] {status.upper()}: {line} "
-             f"(run {run_id}, {policy}, spec {spec_sha256[:12]})")
+    run = (f"[run {run_id}](#/experiments/{experiment_id}/runs/{run_id})" if experiment_id
+           else f"run {run_id}")
+    entry = (f"{ENTRY_PREFIX}{completed_at}] **{status.upper()}** under {policy}: {line} "
+             f"({run}, spec {spec_sha256[:12]})")
     current = client.get_model_version(name, version).description or ""
     text = with_entry(current, entry)
     if text is not None:
@@ -79,16 +83,16 @@ def record_approval(
 
 
 def with_entry(description: str, entry: str) -> str | None:
-    """`description` with `entry` added after its audit lines: the person's text first and
-    untouched, then the newest audit lines (at most `MAX_ENTRIES`, oldest dropped first),
+    """`description` with `entry` as its newest audit line: the person's text first and
+    untouched, then the audit lines newest first (at most `MAX_ENTRIES`, the oldest dropped),
     the whole within `MAX_DESCRIPTION` characters. None when the person's text leaves no room
     for the entry (their text is never shortened)."""
     blocks = [b.rstrip() for b in description.split("\n\n") if b.strip()]
     person = "\n\n".join(b for b in blocks if not b.startswith(ENTRY_PREFIX))
-    entries = [*(b for b in blocks if b.startswith(ENTRY_PREFIX)), entry][-MAX_ENTRIES:]
+    entries = [entry, *(b for b in blocks if b.startswith(ENTRY_PREFIX))][:MAX_ENTRIES]
     room = MAX_DESCRIPTION - (len(person) + 2 if person else 0)
     while entries and len("\n\n".join(entries)) > room:
-        entries.pop(0)
+        entries.pop()
     if not entries:
         return None
     return "\n\n".join([person, *entries] if person else entries)
