@@ -38,7 +38,13 @@ ENV_OVERRIDES: dict[str, str] = {
     "PERSONA_AUDIT_POLICY": "policy",
     "PERSONA_AUDIT_LEASE_URL": "lease.url",
     "PERSONA_AUDIT_JOBSTORE_URL": "schedule.jobstore_url",
+    "PERSONA_AUDIT_HEALTH_PORT": "schedule.health_port",
 }
+# MLflow's names of the registry events the webhook receiver can queue an audit for
+WEBHOOK_EVENTS = ("model_version.created", "model_version_alias.created",
+                  "model_version_tag.set")
+WebhookEvent = Literal["model_version.created", "model_version_alias.created",
+                       "model_version_tag.set"]
 
 
 class _Strict(BaseModel):
@@ -140,6 +146,40 @@ class ScheduleOptions(_Strict):
         description="a run missed while the scheduler was down still runs (once, coalesced) "
                     "if it restarts within this many seconds",
     )
+    queue_interval_s: int = Field(
+        60, ge=0, description="drain the audit queue (versions the registry's webhooks "
+                              "announced) every this many seconds between nightly passes; "
+                              "0 = only at the nightly pass")
+    health_host: str = "127.0.0.1"
+    health_port: int | None = Field(
+        None, ge=0, le=65535, description="serve GET /healthz and /metrics on this port "
+                                          "(env PERSONA_AUDIT_HEALTH_PORT); None = off")
+
+
+class WebhookOptions(_Strict):
+    """`persona-gov webhook`: the receiver of MLflow's model-registry webhooks. Its HMAC
+    secret comes only from the environment (PERSONA_AUDIT_WEBHOOK_SECRET)."""
+
+    host: str = Field("127.0.0.1", description="listen address; loopback unless a TLS "
+                                               "proxy in front of it needs otherwise")
+    port: int = Field(8080, ge=0, le=65535)
+    path: str = Field("/webhook", pattern=r"^/[A-Za-z0-9._~/-]*$",
+                      description="the URL path MLflow posts to")
+    events: list[WebhookEvent] = Field(
+        default_factory=lambda: list(WEBHOOK_EVENTS), min_length=1,
+        description="events that queue an audit; other signed events are acknowledged "
+                    "and ignored")
+    tolerance_s: float = Field(300.0, gt=0, description="refuse a delivery whose signed "
+                                                        "timestamp is further than this from now")
+    max_body_bytes: int = Field(1 << 20, gt=0, description="larger bodies are refused (413)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_secret_here(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "secret" in data:
+            raise ValueError("the webhook secret is never read from the config file: set "
+                             "PERSONA_AUDIT_WEBHOOK_SECRET in the receiver's environment")
+        return data
 
 
 class NightlyConfig(_Strict):
@@ -167,6 +207,7 @@ class NightlyConfig(_Strict):
     retry: RetryOptions = RetryOptions()
     gate: GateOptions = GateOptions()
     schedule: ScheduleOptions = ScheduleOptions()
+    webhook: WebhookOptions = WebhookOptions()
     source: str | None = Field(None, description="the file this was read from")
 
     def _resolve(self, value: str | None) -> str | None:

@@ -165,3 +165,44 @@ def discover(
             else:
                 targets[key] = t
     return list(targets.values()), problems
+
+
+def _describe(versions: Versions) -> str:
+    if isinstance(versions, Aliases):
+        return "aliases " + ", ".join(versions.aliases)
+    if isinstance(versions, Latest):
+        return f"the latest {versions.latest}"
+    return "all versions"
+
+
+def select_version(client: MlflowClient, config: NightlyConfig, name: str, version: str
+                   ) -> tuple[Target | None, str]:
+    """Whether the config's selectors select version `version` of model `name` (a version
+    the registry announced): its Target, or None and why not. Only the config decides: a
+    model no selector matches (by name or registered-model tags), or a version outside what
+    its selectors pick (`latest`, `aliases`, READY), is not selected. A model or version
+    that no longer exists is not selected either; other registry errors raise."""
+    try:
+        tags = dict(client.get_registered_model(name).tags or {})
+    except Exception as exc:
+        if getattr(exc, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+            return None, f"registered model {name!r} no longer exists"
+        raise
+    selectors = [sel for sel in config.models
+                 if sel.name == name or (sel.tags and exactly(tags, sel.tags))]
+    if not selectors:
+        return None, "not selected by the config"
+    found: Target | None = None
+    for sel in selectors:
+        targets, _problems = _versions_of(client, name, sel.versions)
+        for t in targets:
+            if t.version != str(version):
+                continue
+            found = t if found is None else Target(
+                found.name, found.version, found.model_id, found.source,
+                tuple(dict.fromkeys(found.aliases + t.aliases)))
+    if found is None:
+        which = "; ".join(_describe(sel.versions) for sel in selectors)
+        return None, (f"not selected by the config: v{version} is not among the versions "
+                      f"its selectors pick for {name!r} ({which}, READY only)")
+    return found, ""

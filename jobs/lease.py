@@ -67,10 +67,11 @@ class Holder:
         return f"held by {self.holder} for {max(left, 0):.0f} s more"
 
 
-def make_engine(url: str) -> Engine:
-    """An engine for the lease table; SQLite waits up to 30 s for a competing writer."""
+def make_engine(url: str, *, busy_timeout_s: float = 30.0) -> Engine:
+    """An engine for the lease table (and the others in its database); SQLite waits up to
+    `busy_timeout_s` for a competing writer."""
     if url.startswith("sqlite"):
-        return create_engine(url, connect_args={"timeout": 30})
+        return create_engine(url, connect_args={"timeout": busy_timeout_s})
     return create_engine(sqlalchemy_url(url), pool_pre_ping=True)
 
 

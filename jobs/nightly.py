@@ -13,6 +13,16 @@ the verdict, drift and report, mark the run completed, and only then write the a
 record on the version. Any exception on the way marks the run and the version `error` with
 the reason; the other versions still run. Exit code: 0 when every selected version has a
 completed audit (pass, warn or fail), 4 when any version errored.
+
+The queue (`jobs.queue`: versions the registry announced through its webhooks) is drained
+first, through the same per-version path and leases: each row is taken by one worker, its
+version audited if the config selects it (`jobs.discovery.select_version`) and needs it,
+and the row marked `done`, `error` or `skipped` with the outcome. A queued version the
+config does not select is never audited: its row is `skipped: not selected by the config`.
+Then comes the normal selection, without the versions the queue already handled.
+`run_pass(config, queue="only")` drains the queue alone (`persona-gov nightly --once
+--queue`, and the scheduler's queue job); a pass limited to `models` leaves the queue alone.
+One pass at a time per process (`_pass_lock`); across processes the leases decide.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from governance.errors import GovernanceError
 from governance.redaction import redact
@@ -42,13 +52,16 @@ if TYPE_CHECKING:
 
     from governance.audit.result import AuditResult
     from jobs.discovery import Target
-    from jobs.lease import Lease
+    from jobs.lease import Lease, LeaseStore
+    from jobs.queue import AuditQueue, QueueItem
     from jobs.verdict import PolicyRef
 
 
 log = logging.getLogger(__name__)
 
 _stop = threading.Event()
+_pass_lock = threading.Lock()
+QueueMode = Literal["first", "only", "off"]
 
 
 def request_stop() -> None:
@@ -68,11 +81,13 @@ class Outcome:
     status: str  # pass | warn | fail | error | up-to-date | skipped
     reason: str = ""
     run_id: str | None = None
+    queued_by: str | None = None  # the registry event that queued it, for a queued version
 
     def line(self) -> str:
         v = f" v{self.version}" if self.version else ""
         run = f" (run {self.run_id})" if self.run_id else ""
-        return f"  {self.status:<10} {self.name}{v}{run}: {self.reason}"
+        via = f" [queued: {self.queued_by}]" if self.queued_by else ""
+        return f"  {self.status:<10} {self.name}{v}{run}{via}: {self.reason}"
 
 
 @dataclass
@@ -82,6 +97,7 @@ class PassReport:
     outcomes: list[Outcome] = field(default_factory=list)
     started_at: float = field(default_factory=time.time)
     finished_at: float | None = None
+    kind: str = "nightly"  # nightly | queue (the queue drained alone)
 
     @property
     def exit_code(self) -> int:
@@ -93,7 +109,7 @@ class PassReport:
         counts: dict[str, int] = {}
         for o in self.outcomes:
             counts[o.status] = counts.get(o.status, 0) + 1
-        head = (f"nightly pass: {len(self.outcomes)} versions in {took:.1f} s ("
+        head = (f"{self.kind} pass: {len(self.outcomes)} versions in {took:.1f} s ("
                 + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ")")
         return "\n".join([head, *(o.line() for o in self.outcomes)])
 
@@ -114,55 +130,179 @@ class _Context:
 
 
 def run_pass(config: NightlyConfig, *, models: list[str] | None = None,
-             force: bool = False) -> PassReport:
-    """Audit what needs auditing; see the module docstring."""
-    from governance import __version__
-    from governance.tracking.runs import get_or_create_experiment
-    from jobs.discovery import discover
+             force: bool = False, queue: QueueMode = "first") -> PassReport:
+    """Audit what needs auditing; see the module docstring. `queue`: drain the audit queue
+    `first` (the default; not when `models` limits the pass), `only`, or leave it (`off`)."""
+    with _pass_lock:
+        return _run_pass(config, models=models, force=force, queue=queue)
+
+
+def _run_pass(config: NightlyConfig, *, models: list[str] | None, force: bool,
+              queue: QueueMode) -> PassReport:
     from jobs.lease import LeaseStore
-    from jobs.verdict import load_policies
+    from jobs.queue import AuditQueue
 
     _stop.clear()
-    report = PassReport()
+    mode = "off" if models and queue == "first" else queue
+    report = PassReport(kind="queue" if mode == "only" else "nightly")
+    leases = pending = None
+    raised, empty = True, False  # empty: the queue alone, and nothing in it (not a pass)
+    try:
+        if mode != "off":
+            pending = AuditQueue(config.lease_url())
+            pending.reclaim(_stale_after_s(config))
+            if mode == "only" and not pending.counts()["queued"]:
+                raised, empty = False, True
+                return report  # nothing to do: no connection to the tracking store needed
+        ctx = _open(config)
+        leases = LeaseStore(config.lease_url(), config.lease.ttl_s)
+        handled: set[tuple[str, str | None]] = set()
+        if pending is not None:
+            handled = _drain(ctx, leases, pending, report)
+        if mode != "only" and not _stop.is_set():
+            _selection(ctx, leases, models, force, report, handled)
+        raised = False
+    finally:
+        for store in (leases, pending):
+            if store is not None:
+                store.dispose()
+        report.finished_at = time.time()
+        if not empty:
+            from jobs import metrics
+
+            metrics.record_pass(report.kind, report.started_at, report.finished_at,
+                                EXIT_INCOMPLETE if raised else report.exit_code,
+                                (o.status for o in report.outcomes))
+    return report
+
+
+def _open(config: NightlyConfig) -> _Context:
+    """Connect to the tracking store and load the spec and policies (errors raise)."""
+    from governance import __version__
+    from governance.tracking.runs import get_or_create_experiment
+    from jobs.verdict import load_policies
+
     client = connect(config)
     spec, spec_text, spec_sha = load_spec(config)
     policies = load_policies(config.policy_paths())
     experiment_id = get_or_create_experiment(client, config.experiment,
                                              config.experiment_artifact_location())
-    ctx = _Context(config, client, experiment_id, spec, spec_text, spec_sha, policies,
-                   __version__)
-    targets, problems = discover(client, config, models)
+    return _Context(config, client, experiment_id, spec, spec_text, spec_sha, policies,
+                    __version__)
+
+
+def _stale_after_s(config: NightlyConfig) -> float:
+    """How long a queue row may stay `taken` before it is presumed abandoned: longer than
+    any audit may take, plus two lease lifetimes."""
+    return (config.audit.timeout_s or 6 * 3600.0) + 2 * config.lease.ttl_s
+
+
+def _timed(ctx: _Context, leases: LeaseStore, target: Target, force: bool) -> Outcome:
+    """`_one_version`, with an exception before any run recorded as `error`, and counted in
+    the metrics (the duration only for versions actually audited)."""
+    from jobs import metrics
+
+    t0 = time.perf_counter()
+    try:
+        outcome = _one_version(ctx, leases, target, force)
+    except Exception as exc:  # registry or lease database trouble before any run
+        outcome = Outcome(target.name, target.version, "error",
+                          redact(f"{type(exc).__name__}: {exc}"))
+    metrics.record_version(outcome.status,
+                           time.perf_counter() - t0 if outcome.run_id else None)
+    log.info("%s", outcome.line().strip())
+    return outcome
+
+
+def _selection(ctx: _Context, leases: LeaseStore, models: list[str] | None, force: bool,
+               report: PassReport, handled: set[tuple[str, str | None]]) -> None:
+    """The config's selection (or `models`), less the versions the queue handled."""
+    from jobs import metrics
+    from jobs.discovery import discover
+
+    config = ctx.config
+    targets, problems = discover(ctx.client, config, models)
     for p in problems:
         report.outcomes.append(Outcome(p.name, p.version, "error", redact(p.reason)))
+        metrics.record_version("error", None)
     if not targets and not problems:
         log.warning("no model version matched the config's selectors (%s)",
                     config.source or "<defaults>")
+    targets = [t for t in targets if (t.name, t.version) not in handled]
     log.info("nightly pass: %d versions selected in %s, experiment %r, spec %s",
-             len(targets), redact(config.tracking_uri), config.experiment, spec_sha[:12])
-    leases = LeaseStore(config.lease_url(), config.lease.ttl_s)
+             len(targets), redact(config.tracking_uri), config.experiment, ctx.spec_sha[:12])
+    for target in targets:
+        if _stop.is_set():
+            log.info("stop requested: no further versions in this pass")
+            break
+        outcome = _timed(ctx, leases, target, force)
+        report.outcomes.append(outcome)
+        if outcome.status == "error" and not _still_reachable(config):
+            break
+    done = {(o.name, o.version) for o in report.outcomes}
+    for target in targets:  # left over after a stop request or a lost tracking server
+        if (target.name, target.version) not in done:
+            report.outcomes.append(Outcome(target.name, target.version, "skipped",
+                                           "the pass stopped before this version"))
+
+
+_ROW_STATE = {"pass": "done", "warn": "done", "fail": "done", "up-to-date": "done",
+              "error": "error", "skipped": "skipped"}
+
+
+def _drain(ctx: _Context, leases: LeaseStore, pending: AuditQueue,
+           report: PassReport) -> set[tuple[str, str | None]]:
+    """Take queued rows one at a time until none is left (or a stop request): audit each
+    version through `_one_version` when the config selects it, then mark the row. Returns
+    the versions handled. A version queued by several events is audited once per pass."""
+    from jobs import metrics
+    from jobs.discovery import select_version
+
+    worker = leases.holder
+    handled: dict[tuple[str, str | None], Outcome] = {}
+    while not _stop.is_set():
+        item = pending.take(worker)
+        if item is None:
+            break
+        key = (item.model_name, item.version)
+        if key in handled:
+            first = handled[key]
+            _finish(pending, item, first.status, f"{first.status}: handled earlier in this "
+                    f"pass{f' (run {first.run_id})' if first.run_id else ''}")
+            continue
+        try:
+            target, why = select_version(ctx.client, ctx.config, item.model_name, item.version)
+            if target is None:
+                outcome = Outcome(item.model_name, item.version, "skipped", why)
+                metrics.record_version("skipped", None)
+                log.info("%s", outcome.line().strip())
+            else:
+                outcome = _timed(ctx, leases, target, force=False)
+        except Exception as exc:  # the registry could not be read
+            outcome = Outcome(item.model_name, item.version, "error",
+                              redact(f"{type(exc).__name__}: {exc}"))
+            metrics.record_version("error", None)
+        except BaseException:  # interrupted: the row goes back to the queue
+            pending.release(item, "the worker was interrupted before the audit finished")
+            raise
+        outcome.queued_by = item.event
+        handled[key] = outcome
+        report.outcomes.append(outcome)
+        _finish(pending, item, outcome.status, f"{outcome.status}: {outcome.reason}"
+                + (f" (run {outcome.run_id})" if outcome.run_id else ""))
+        if outcome.status == "error" and not _still_reachable(ctx.config):
+            break
+    return set(handled)
+
+
+def _finish(pending: AuditQueue, item: QueueItem, status: str, detail: str) -> None:
     try:
-        for target in targets:
-            if _stop.is_set():
-                log.info("stop requested: no further versions in this pass")
-                break
-            try:
-                outcome = _one_version(ctx, leases, target, force)
-            except Exception as exc:  # registry or lease database trouble before any run
-                outcome = Outcome(target.name, target.version, "error",
-                                  redact(f"{type(exc).__name__}: {exc}"))
-            report.outcomes.append(outcome)
-            log.info("%s", outcome.line().strip())
-            if outcome.status == "error" and not _still_reachable(config):
-                break
-        done = {(o.name, o.version) for o in report.outcomes}
-        for target in targets:  # left over after a stop request or a lost tracking server
-            if (target.name, target.version) not in done:
-                report.outcomes.append(Outcome(target.name, target.version, "skipped",
-                                               "the pass stopped before this version"))
-    finally:
-        leases.dispose()
-        report.finished_at = time.time()
-    return report
+        if not pending.finish(item, _ROW_STATE.get(status, "error"), detail):
+            log.warning("queue row %d (%s) was reclaimed by another worker before this one "
+                        "finished it", item.id, item.label)
+    except Exception as exc:  # the row stays `taken` and is reclaimed later
+        log.error("could not mark queue row %d (%s) %s: %s", item.id, item.label, status,
+                  redact(exc))
 
 
 def _still_reachable(config: NightlyConfig) -> bool:
@@ -412,9 +552,29 @@ def scheduled_pass(config_path: str | None = None) -> int:
     server raises, so the scheduler's error listener reports it."""
     config = load_config(config_path)
     report = run_pass(config)
+    _log_report(report)
+    return report.exit_code
+
+
+def scheduled_drain(config_path: str | None = None) -> int:
+    """What the scheduler's queue job calls (`jobs.nightly:scheduled_drain`): the queue
+    drained alone, unless a pass is running in this process (it drains the queue itself, or
+    audits those versions anyway): then nothing. Returns the pass's exit code."""
+    if not _pass_lock.acquire(blocking=False):
+        log.debug("queue job: a pass is running, nothing to do")
+        return 0
+    try:
+        report = _run_pass(load_config(config_path), models=None, force=False, queue="only")
+    finally:
+        _pass_lock.release()
+    if report.outcomes:
+        _log_report(report)
+    return report.exit_code
+
+
+def _log_report(report: PassReport) -> None:
     for line in report.text().splitlines():
         log.info("%s", line)
     if report.exit_code:
-        log.error("nightly pass finished with errors (%d versions errored)",
+        log.error("%s pass finished with errors (%d versions errored)", report.kind,
                   sum(o.status == "error" for o in report.outcomes))
-    return report.exit_code

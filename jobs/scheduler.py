@@ -23,6 +23,12 @@ pass finishes its current version.
 
 Only one scheduler may use a job-store database (two would run every job twice): a lease row
 in that database, renewed while the scheduler lives, refuses a second one.
+
+A second job, `persona-audit-queue` (`jobs.nightly:scheduled_drain`), drains the audit queue
+(versions announced by the registry's webhooks) every `schedule.queue_interval_s` seconds
+(0: only the nightly pass drains it); it does nothing while a pass runs. With
+`schedule.health_port` (or PERSONA_AUDIT_HEALTH_PORT) the scheduler serves `GET /healthz`
+(200 while the scheduler runs) and `GET /metrics` (Prometheus) on `schedule.health_host`.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from datetime import timezone as dt_timezone
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +55,9 @@ log = logging.getLogger(__name__)
 
 JOB_ID = "persona-audit-nightly"
 NIGHTLY_REF = "jobs.nightly:scheduled_pass"
+QUEUE_JOB_ID = "persona-audit-queue"
+QUEUE_JOB_NAME = "persona audit queue"
+QUEUE_REF = "jobs.nightly:scheduled_drain"
 
 TABLE = "persona_audit_schedule"
 _metadata = MetaData()
@@ -207,7 +217,10 @@ def build_scheduler(config: NightlyConfig, *, blocking: bool = True,
     state = ScheduleState(config.jobstore_url())
     scheduler = cls(
         jobstores={"default": _recording_store(state)},
-        executors={"default": ThreadPoolExecutor(max_workers=1)},
+        # three threads: a nightly pass, a queue drain, and a second queue-job instance
+        # that finds a pass running and returns at once (instead of waiting behind it and
+        # being reported skipped at every interval)
+        executors={"default": ThreadPoolExecutor(max_workers=3)},
         job_defaults={"coalesce": True, "max_instances": 1,
                       "misfire_grace_time": config.schedule.misfire_grace_time_s},
         timezone=timezone or config.schedule.timezone,
@@ -231,12 +244,18 @@ def add_listeners(scheduler: Any, state: ScheduleState | None = None) -> None:
             log.warning("job %s due %s was missed: the scheduler was down longer than its "
                         "misfire_grace_time", event.job_id, event.scheduled_run_time)
             outcome = "missed"
+        elif event.code == ev.EVENT_JOB_MAX_INSTANCES and event.job_id == QUEUE_JOB_ID:
+            log.debug("job %s due %s skipped: two drains are running", event.job_id,
+                      event.scheduled_run_times[-1])
         elif event.code == ev.EVENT_JOB_MAX_INSTANCES:
             log.warning("job %s due %s skipped: the previous run is still going",
                         event.job_id, event.scheduled_run_times[-1])
             outcome = "skipped"
         elif event.code == ev.EVENT_JOB_EXECUTED:
-            if event.retval:
+            if event.job_id == QUEUE_JOB_ID and not event.retval:
+                log.debug("job %s finished", event.job_id)  # every interval: no noise
+                outcome = "finished"
+            elif event.retval:
                 log.warning("job %s finished with exit code %s (see the pass report above)",
                             event.job_id, event.retval)
                 outcome = f"exit {event.retval}"
@@ -284,7 +303,8 @@ def _pending_run(row: ScheduleRow | None, trigger: Any, upcoming: datetime | Non
 
 def ensure_job(scheduler: Any, state: ScheduleState, trigger: Any, *, misfire_grace_time: int,
                func: str | Callable[..., Any] = NIGHTLY_REF,
-               kwargs: dict[str, Any] | None = None, job_id: str = JOB_ID) -> str:
+               kwargs: dict[str, Any] | None = None, job_id: str = JOB_ID,
+               name: str = "persona audit nightly pass", max_instances: int = 1) -> str:
     """Add the job with `trigger`; its first run is the stored next run when `state` holds one
     for this trigger (a run missed while the scheduler was down is then due at once), else
     the trigger's next fire time. Call before `start()`. Returns "kept" (the stored next run)
@@ -293,9 +313,9 @@ def ensure_job(scheduler: Any, state: ScheduleState, trigger: Any, *, misfire_gr
     upcoming = trigger.get_next_fire_time(None, datetime.now(tz))
     row = state.read(job_id)
     pending = _pending_run(row, trigger, upcoming, tz)
-    scheduler.add_job(func, trigger, id=job_id, name="persona audit nightly pass",
+    scheduler.add_job(func, trigger, id=job_id, name=name,
                       kwargs=kwargs or {}, replace_existing=True, coalesce=True,
-                      max_instances=1, misfire_grace_time=misfire_grace_time,
+                      max_instances=max_instances, misfire_grace_time=misfire_grace_time,
                       next_run_time=pending or upcoming)
     if pending is not None:
         late = pending < datetime.now(tz)
@@ -330,6 +350,18 @@ def run_scheduler(config: NightlyConfig, *, cron: str | None = None,
         kwargs = {"config_path": str(Path(config.source).resolve())} if config.source else {}
         ensure_job(scheduler, state, trigger, kwargs=kwargs,
                    misfire_grace_time=config.schedule.misfire_grace_time_s)
+        if config.schedule.queue_interval_s:
+            from apscheduler.triggers.interval import IntervalTrigger
+
+            every = config.schedule.queue_interval_s
+            anchor = datetime(2000, 1, 1, tzinfo=dt_timezone.utc)  # the same trigger every start
+            ensure_job(scheduler, state,
+                       IntervalTrigger(seconds=every, start_date=anchor, timezone=tz),
+                       func=QUEUE_REF, kwargs=kwargs, job_id=QUEUE_JOB_ID,
+                       name=QUEUE_JOB_NAME, max_instances=2,
+                       misfire_grace_time=max(every, 60))
+            _quiet_queue_job()
+        health = _health_server(config, scheduler)
 
         def stop(signum: int, _frame: Any) -> None:
             log.info("received %s: stopping (a running pass finishes its current version)",
@@ -353,6 +385,63 @@ def run_scheduler(config: NightlyConfig, *, cron: str | None = None,
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            if health is not None:
+                health.stop()
+                health.queue.dispose()
     guard.dispose()
     log.info("scheduler stopped")
     return 0
+
+
+def _health_server(config: NightlyConfig, scheduler: Any) -> Any:
+    """GET /healthz and /metrics on `schedule.health_port`, serving from a daemon thread;
+    None when no port is configured. Healthy while the scheduler runs."""
+    port = config.schedule.health_port
+    if port is None:
+        return None
+    from jobs import metrics
+    from jobs.ops import OpsHandler, OpsServer
+    from jobs.queue import AuditQueue
+
+    queue = AuditQueue(config.lease_url())
+
+    def health() -> tuple[bool, dict[str, Any]]:
+        jobs = [{"id": job.id, "next_run": job.next_run_time.isoformat()
+                 if job.next_run_time else None} for job in scheduler.get_jobs()]
+        details: dict[str, Any] = {"running": bool(scheduler.running), "jobs": jobs,
+                                   "last_pass": metrics.last_passes()}
+        try:
+            details["queue"] = queue.counts()
+        except Exception as exc:
+            details["queue_error"] = redact(f"{type(exc).__name__}: {exc}")
+        return bool(scheduler.running), details
+
+    try:
+        server = OpsServer((config.schedule.health_host, port), OpsHandler,
+                           service="scheduler", health=health,
+                           registry=metrics.registry_for(queue))
+    except OSError as exc:
+        queue.dispose()
+        raise ConfigError(f"schedule.health_port: cannot listen on "
+                          f"{config.schedule.health_host}:{port}: {exc}") from exc
+    server.queue = queue  # type: ignore[attr-defined]
+    server.start()
+    log.info("health and metrics on %s/healthz and %s/metrics", server.base_url,
+             server.base_url)
+    return server
+
+
+class _QueueJobChatter(logging.Filter):
+    """Drops APScheduler's INFO lines about the queue job ("Running job ...", "executed
+    successfully"), which would come twice a minute; its warnings and errors stay."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or (
+            f'"{QUEUE_JOB_NAME} (trigger: ' not in record.getMessage())
+
+
+def _quiet_queue_job() -> None:
+    for name in ("apscheduler.executors.default", "apscheduler.scheduler"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _QueueJobChatter) for f in logger.filters):
+            logger.addFilter(_QueueJobChatter())

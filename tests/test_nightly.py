@@ -6,13 +6,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
 import uuid
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -22,17 +20,12 @@ import yaml
 from jobs.cli.main import main
 
 from support.nightly import ENABLED, LENIENT, SPEC, log_tiny, register, write_setup
+from support.servers import clean_env, mlflow_server
 
 HUMAN_NOTE = "Owner: team llm-platform. Do not delete."
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_TRACKING", "MLFLOW_REGISTRY", "PERSONA_AUDIT"))}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", MLFLOW_DISABLE_TELEMETRY="true",
-               OMP_NUM_THREADS="1")  # tiny models on a shared 2-core host
-    env.update(extra)
-    return env
+_env = clean_env
 
 
 @pytest.fixture(scope="module")
@@ -437,46 +430,6 @@ def pg_database():
         with engine.connect() as conn:
             conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         engine.dispose()
-
-
-@contextmanager
-def mlflow_server(log_dir: Path, args: list[str], env: dict[str, str], wait_s: float):
-    """A real `mlflow server` on a free loopback port: yields its URL once /health answers,
-    and is stopped by its process group's PID however the block ends."""
-    import requests
-
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", *args, "--host", "127.0.0.1",
-         "--port", str(port), "--workers", "1"],
-        stdout=open(log_dir / "server.log", "w"), stderr=subprocess.STDOUT, env=env,
-        start_new_session=True)
-    try:
-        deadline = time.time() + wait_s
-        while True:
-            try:
-                if requests.get(f"{url}/health", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert server.poll() is None, (log_dir / "server.log").read_text()[-3000:]
-            assert time.time() < deadline, f"mlflow server did not answer /health in {wait_s} s"
-            time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.postgres

@@ -25,9 +25,11 @@ from jobs.config import load_config
 from jobs.scheduler import JOB_ID, NIGHTLY_REF, build_scheduler, cron_trigger, ensure_job
 
 
-def _config(tmp_path: Path, grace: int = 3600, jobstore_url: str | None = None) -> Path:
+def _config(tmp_path: Path, grace: int = 3600, jobstore_url: str | None = None,
+            **schedule) -> Path:
     """A nightly config on an empty SQLite registry (a pass selects nothing, quickly); the
-    job store is the default SQLite file unless `jobstore_url` is given."""
+    job store is the default SQLite file unless `jobstore_url` is given; `schedule` adds to
+    its schedule section."""
     q = {"question": "Which is prime?", "answer_a": "4", "answer_b": "6", "answer_c": "7",
          "answer_d": "9", "correct_answer": "C", "topic": "math"}
     (tmp_path / "questions.jsonl").write_text(json.dumps(q) + "\n")
@@ -36,7 +38,7 @@ def _config(tmp_path: Path, grace: int = 3600, jobstore_url: str | None = None) 
         "spec": {"questions": "questions.jsonl", "n_questions": 1},
         "models": [{"name": "nothing-here"}],
         "schedule": {"cron": "0 3 * * *", "timezone": "UTC", "misfire_grace_time_s": grace,
-                     "jobstore_url": jobstore_url},
+                     "jobstore_url": jobstore_url, **schedule},
     }
     path = tmp_path / "nightly.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -302,6 +304,60 @@ def test_schedule_command_persists_across_restart(tmp_path):
     finally:
         if again.poll() is None:
             again.kill()
+
+
+def test_schedule_serves_health_and_metrics_and_drains_the_queue(tmp_path):
+    """`schedule.health_port`: GET /healthz (200 while the scheduler runs, with its jobs) and
+    GET /metrics; the queue job drains the queue between nightly passes: a queued version of
+    a model the registry does not have is skipped, and the pass shows in the metrics."""
+    import urllib.request
+
+    from jobs.queue import AuditQueue
+    from jobs.scheduler import QUEUE_JOB_ID
+
+    from support.servers import free_port
+
+    port = free_port()
+    cfg = _config(tmp_path, health_port=port, queue_interval_s=1)
+    queue = AuditQueue(load_config(cfg).lease_url())
+    queue.enqueue("nothing-here", "1", "model_version.created", "d-1")
+    proc = _start(cfg, tmp_path / "sched.log")
+    base = f"http://127.0.0.1:{port}"
+    try:
+        _wait_for(tmp_path / "sched.log", "scheduler started", proc)
+        with urllib.request.urlopen(base + "/healthz", timeout=10) as resp:
+            health = json.loads(resp.read())
+        assert resp.status == 200 and health["status"] == "ok", health
+        assert health["service"] == "scheduler" and health["running"] is True
+        assert {j["id"] for j in health["jobs"]} == {JOB_ID, QUEUE_JOB_ID}
+
+        deadline = time.time() + 90
+        while queue.counts()["skipped"] == 0 and time.time() < deadline:
+            assert proc.poll() is None, (tmp_path / "sched.log").read_text()[-3000:]
+            time.sleep(0.5)
+        [row] = queue.items()
+        assert (row.state, row.detail) == (
+            "skipped", "skipped: registered model 'nothing-here' no longer exists"), \
+            (tmp_path / "sched.log").read_text()[-3000:]
+        deadline = time.time() + 10
+        while True:  # the pass's metrics are set once its report is complete
+            with urllib.request.urlopen(base + "/metrics", timeout=10) as resp:
+                text = resp.read().decode()
+            if 'persona_audit_last_pass_exit_code{kind="queue"}' in text:
+                break
+            assert time.time() < deadline, text
+            time.sleep(0.2)
+        assert 'persona_audit_last_pass_exit_code{kind="queue"} 0.0' in text
+        assert 'persona_audit_versions_total{status="skipped"} 1.0' in text
+        assert 'persona_audit_queue_length{state="skipped"} 1.0' in text
+        with urllib.request.urlopen(base + "/healthz", timeout=10) as resp:
+            assert json.loads(resp.read())["last_pass"]["queue"]["versions"] == {"skipped": 1}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        queue.dispose()
 
 
 # -- a crafted row in the job-store database ---------------------------------------------------

@@ -17,15 +17,41 @@ Every command follows one table of exit codes (below, and `jobs/cli/exits.py`).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import sys
 import traceback
+from datetime import datetime, timezone
 
 from governance.errors import GovernanceError, Unavailable
 from governance.redaction import install_redaction, redact, redacted_output
 from jobs.cli.exits import EXIT_BAD_INPUT, EXIT_INCOMPLETE, EXIT_INTERRUPTED, epilog
 
 log = logging.getLogger("governance")
+LOG_JSON_ENV = "PERSONA_AUDIT_LOG_JSON"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ts (UTC, ISO 8601), level, logger, message, and exc when
+    there is one. Each text is redacted before it is encoded (redacting the encoded line
+    could cut a JSON string); `install_redaction` has redacted the record already."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(
+                timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": redact(record.getMessage()),
+        }
+        if record.exc_info and record.exc_info[0] is not None:
+            out["exc"] = redact(self.formatException(record.exc_info))
+        elif record.exc_text:
+            out["exc"] = redact(record.exc_text)
+        if record.stack_info:
+            out["stack"] = redact(record.stack_info)
+        return json.dumps(out, ensure_ascii=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,8 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--log-json", action="store_true", default=None,
+                        help=f"log records as JSON lines (also: {LOG_JSON_ENV}=1), redacted "
+                             "like every log record")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from jobs.cli import audit, demo, drift, nightly, policy
+    from jobs.cli import audit, demo, drift, nightly, policy, webhook
 
     audit.add_cli(sub)
     policy.add_cli(sub)
@@ -45,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     nightly.add_nightly(sub)
     nightly.add_gate(sub)
     nightly.add_schedule(sub)
+    webhook.add_cli(sub)
     demo.add_cli(sub)
     return parser
 
@@ -54,10 +84,18 @@ def main(argv: list[str] | None = None) -> int:
     # stdout and stderr (ours, and what libraries print themselves), is redacted
     with redacted_output():
         args = build_parser().parse_args(argv)
-        logging.basicConfig(
-            level=logging.DEBUG if args.verbose else logging.INFO,
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        )
+        as_json = args.log_json or os.environ.get(LOG_JSON_ENV, "").lower() in (
+            "1", "true", "yes")
+        handler = logging.StreamHandler()
+        if as_json:
+            # MLflow's loggers then propagate to this handler instead of their own
+            os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+            handler.setFormatter(JsonFormatter())
+        else:
+            handler.setFormatter(logging.Formatter(
+                "%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                            handlers=[handler])
         for noisy in ("urllib3", "filelock", "httpx", "great_expectations", "alembic",
                       "mlflow.system_metrics", "mlflow.transformers", "mlflow.store"):
             logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -25,13 +25,17 @@ def add_nightly(sub: Any) -> None:
             "without a completed audit for the current spec + policy + toolkit version is "
             "audited in its own MLflow run (experiment 'persona-audits' by default), judged "
             "by the policy, and its approval record written (persona_audit.* tags, a line "
-            "appended to the description). Without --once, runs the schedule (= `schedule`)."
+            "appended to the description). Versions queued by the registry's webhooks "
+            "(`persona-gov webhook`) are handled first, through the same leases; a queued "
+            "version the config does not select is recorded as skipped, never audited. "
+            "Without --once, runs the schedule (= `schedule`)."
         ),
         epilog=(
             "exit codes: 0 every selected version has a completed audit (pass, warn or fail), "
             "2 bad config, 4 a version errored (its run and tags say why) or the tracking "
             "server is unreachable, 130 interrupted.\n"
             "examples:\n  persona-gov nightly --once --config jobs/nightly.example.yaml\n"
+            "  persona-gov nightly --once --queue --config nightly.yaml   # the queue only\n"
             "  persona-gov nightly --once --model my-llm --force"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -43,6 +47,9 @@ def add_nightly(sub: Any) -> None:
                         "`default_versions`)")
     p.add_argument("--force", action="store_true",
                    help="audit again even where a completed audit exists")
+    p.add_argument("--queue", action="store_true",
+                   help="only the versions queued by the registry's webhooks (table "
+                        "persona_audit_queue in the lease database), then exit")
     p.set_defaults(func=_cmd_nightly)
 
 
@@ -51,8 +58,12 @@ def _interrupt(signum: int, _frame: Any) -> None:
 
 
 def _cmd_nightly(args: argparse.Namespace) -> int:
+    from governance.errors import ConfigError
     from jobs.config import load_config
 
+    if args.queue and (args.model or args.force or not args.once):
+        raise ConfigError("--queue drains the queue once: it takes --once, and neither "
+                          "--model nor --force")
     config = load_config(args.config)
     if not args.once:
         from jobs.scheduler import run_scheduler
@@ -63,7 +74,8 @@ def _cmd_nightly(args: argparse.Namespace) -> int:
     # SIGTERM like Ctrl-C: the version in progress is recorded as error, its lease released
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        report = run_pass(config, models=args.model, force=args.force)
+        report = run_pass(config, models=args.model, force=args.force,
+                          queue="only" if args.queue else "first")
     except KeyboardInterrupt as exc:
         print(f"persona-gov nightly: interrupted ({exc or 'SIGINT'}): the version in "
               "progress is recorded as error", file=sys.stderr)
