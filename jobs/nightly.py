@@ -139,7 +139,7 @@ def run_pass(config: NightlyConfig, *, models: list[str] | None = None,
                     config.source or "<defaults>")
     log.info("nightly pass: %d versions selected in %s, experiment %r, spec %s",
              len(targets), redact(config.tracking_uri), config.experiment, spec_sha[:12])
-    leases = LeaseStore(config.lease_url(), config.lease.ttl_s)
+    leases = LeaseStore(config.lease_url(), config.lease.ttl_s, retry=config.retry)
     try:
         for target in targets:
             if _stop.is_set():
@@ -234,6 +234,7 @@ def _audit_version(ctx: _Context, target: Target, policy: PolicyRef, tags: dict[
     run_id = tr.start_audit_run(ctx.client, ctx.experiment_id, run_tags,
                                 run_name=f"{target.name}-v{target.version}")
     log.info("auditing %s in run %s", target.label, run_id)
+    _close_abandoned(ctx, target, run_id)
     t0 = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory(prefix="persona-gov-nightly-") as tmp:
@@ -277,6 +278,24 @@ def _audit_version(ctx: _Context, target: Target, policy: PolicyRef, tags: dict[
         if not isinstance(exc, Exception):
             raise
         return Outcome(target.name, target.version, "error", reason, run_id)
+
+
+def _close_abandoned(ctx: _Context, target: Target, run_id: str) -> None:
+    """Earlier attempts of this version still `running` (we hold its lease) stopped without
+    recording their end: their process died, or lost the tracking server. Mark them `error`,
+    so no run stays `running` for ever; the version's approval record is left as it was.
+    Never raises."""
+    from governance.tracking.runs import abandon_running
+
+    reason = (f"abandoned: this attempt stopped before it finished (its process died or lost "
+              f"the tracking server); audited again in run {run_id}")
+    try:
+        for stale in abandon_running(ctx.client, [ctx.experiment_id], target.name,
+                                     target.version, exclude_run_id=run_id, reason=reason):
+            log.warning("run %s of %s was abandoned by its process: marked error", stale,
+                        target.label)
+    except Exception as exc:
+        log.warning("could not close abandoned runs of %s: %s", target.label, redact(exc))
 
 
 def _run_audit(ctx: _Context, target: Target, work: Path) -> AuditResult:
