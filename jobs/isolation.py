@@ -8,7 +8,9 @@ pass down: the parent waits at most `timeout_s`, kills the child if it is still 
 raises `AuditFailed` with the reason ("timed out after 3600 s", "the audit process was
 killed by SIGKILL", or the child's own error message). The child writes its result as an
 audit directory (`AuditResult.save`), which the parent reads back; nothing is unpickled from
-the child. The child is started with `spawn`, so it shares no state with the parent.
+the child. The child is started with `spawn`, so it shares no state with the parent, and it
+exits when the parent dies (killed, out of memory): no orphaned audit keeps holding memory or
+a GPU while the rerun audits the version again.
 """
 
 from __future__ import annotations
@@ -95,11 +97,40 @@ def _death(exitcode: int | None) -> str:
     return f"exited with code {exitcode} without writing its result"
 
 
+def _exit_with_parent() -> None:
+    """In the child: exit as soon as the parent process is gone. The kernel kills the child
+    when its parent dies (Linux: PR_SET_PDEATHSIG), and a watcher thread exits it when the
+    parent's end of the spawn pipe closes (everywhere, and when the parent died before the
+    first could be set)."""
+    import os
+    import sys
+    import threading
+    from multiprocessing.connection import wait
+
+    parent = multiprocessing.parent_process()
+    if parent is None:  # not started by multiprocessing
+        return
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+
+    def watch() -> None:
+        wait([parent.sentinel])
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def _child(job: dict[str, Any], out: str) -> None:
     """The child's entry point: load, audit, save; any error goes to child-error.json."""
     import os
     import sys
 
+    _exit_with_parent()
     try:
         result = _audit(AuditJob(**job))
         result.save(out)

@@ -14,6 +14,13 @@ Both are single statements the database serialises, on SQLite (a file lock) and 
 PostgreSQL (a row lock, the WHERE re-checked after the lock). A holder that dies leaves a
 row that expires after `ttl_s`. Expiry uses the clients' clocks (UTC epoch seconds): keep
 hosts in NTP sync and the ttl far above any skew.
+
+A database that restarts or drops the connection is survived: the engine checks pooled
+connections before use (`pool_pre_ping`), a missed heartbeat is tried again at the next beat,
+and with `retry` (the nightly's `retry` options) taking, checking and releasing a lease are
+retried with backoff before `LeaseUnavailable` is raised. Whether a lease is still ours is
+answered by renewing it: a row that expired while the database was down but that nobody took
+meanwhile still names us, and is ours again.
 """
 
 from __future__ import annotations
@@ -24,16 +31,19 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Column, Float, MetaData, String, Table, create_engine, delete, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
+from governance.errors import Unavailable
 from governance.redaction import redact
-from jobs.config import sqlalchemy_url
+from jobs.config import RetryOptions, sqlalchemy_url
+from jobs.connection import database_gone, with_retries
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +57,10 @@ leases = Table(
     Column("acquired_at", Float, nullable=False),
     Column("expires_at", Float, nullable=False),
 )
+
+
+class LeaseUnavailable(Unavailable):
+    """The lease database could not be reached after the configured retries."""
 
 
 def default_holder() -> str:
@@ -78,14 +92,23 @@ def make_engine(url: str, *, busy_timeout_s: float = 30.0) -> Engine:
 class LeaseStore:
     """Leases in table `persona_audit_leases` of the database at `url`."""
 
-    def __init__(self, url: str, ttl_s: float = 900.0, holder: str | None = None):
+    def __init__(self, url: str, ttl_s: float = 900.0, holder: str | None = None, *,
+                 retry: RetryOptions | None = None):
         if ttl_s <= 0:
             raise ValueError(f"ttl_s must be positive, got {ttl_s}")
         self.url = url
         self.ttl_s = float(ttl_s)
         self.holder = holder or default_holder()
+        self.retry = retry or RetryOptions(attempts=1)
         self.engine = make_engine(url)
         self._create_table()
+
+    def retrying(self, what: str, fn: Callable[[], Any]) -> Any:
+        """`fn()`, retried with backoff while the database cannot be reached."""
+        r = self.retry
+        return with_retries(f"lease database {redact(self.url)} ({what})", fn, r.attempts,
+                            r.initial_delay_s, r.max_delay_s, retry_if=database_gone,
+                            error=LeaseUnavailable)
 
     def _create_table(self) -> None:
         for attempt in range(3):  # two processes creating the table at once: one loses
@@ -146,9 +169,9 @@ class LeaseStore:
     @contextmanager
     def hold(self, key: str) -> Iterator[Lease]:
         """Try to take `key` for the duration of the block; renewed in the background."""
-        lease = Lease(self, key, self.try_acquire(key))
+        lease = Lease(self, key, self.retrying(f"taking {key}", lambda: self.try_acquire(key)))
         if not lease.acquired:
-            lease.holder = self.current(key)
+            lease.holder = self.retrying(f"reading {key}", lambda: self.current(key))
             yield lease
             return
         lease.start_heartbeat()
@@ -157,7 +180,7 @@ class LeaseStore:
         finally:
             lease.stop_heartbeat()
             try:
-                self.release(key)
+                self.retrying(f"releasing {key}", lambda: self.release(key))
             except Exception as exc:  # it expires on its own; say so and move on
                 log.warning("could not release lease %s (it expires in %.0f s): %s", key,
                             self.ttl_s, redact(exc))
@@ -197,8 +220,11 @@ class Lease:
             self._thread.join(timeout=5)
 
     def still_ours(self) -> bool:
-        """Check the row: True while this process holds the key."""
+        """True while this process holds the key, checked by renewing the row (retried while
+        the database cannot be reached): False once another process has taken it."""
         if not self.acquired or self.lost:
             return False
-        held = self.store.current(self.key)
-        return held is not None and held.holder == self.store.holder
+        ours = bool(self.store.retrying(f"renewing {self.key}",
+                                        lambda: self.store.renew(self.key)))
+        self.lost = not ours
+        return ours

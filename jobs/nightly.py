@@ -155,7 +155,7 @@ def _run_pass(config: NightlyConfig, *, models: list[str] | None, force: bool,
                 raised, empty = False, True
                 return report  # nothing to do: no connection to the tracking store needed
         ctx = _open(config)
-        leases = LeaseStore(config.lease_url(), config.lease.ttl_s)
+        leases = LeaseStore(config.lease_url(), config.lease.ttl_s, retry=config.retry)
         handled: set[tuple[str, str | None]] = set()
         if pending is not None:
             handled = _drain(ctx, leases, pending, report)
@@ -374,6 +374,7 @@ def _audit_version(ctx: _Context, target: Target, policy: PolicyRef, tags: dict[
     run_id = tr.start_audit_run(ctx.client, ctx.experiment_id, run_tags,
                                 run_name=f"{target.name}-v{target.version}")
     log.info("auditing %s in run %s", target.label, run_id)
+    _close_abandoned(ctx, target, run_id)
     t0 = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory(prefix="persona-gov-nightly-") as tmp:
@@ -418,6 +419,24 @@ def _audit_version(ctx: _Context, target: Target, policy: PolicyRef, tags: dict[
         if not isinstance(exc, Exception):
             raise
         return Outcome(target.name, target.version, "error", reason, run_id)
+
+
+def _close_abandoned(ctx: _Context, target: Target, run_id: str) -> None:
+    """Earlier attempts of this version still `running` (we hold its lease) stopped without
+    recording their end: their process died, or lost the tracking server. Mark them `error`,
+    so no run stays `running` for ever; the version's approval record is left as it was.
+    Never raises."""
+    from governance.tracking.runs import abandon_running
+
+    reason = (f"abandoned: this attempt stopped before it finished (its process died or lost "
+              f"the tracking server); audited again in run {run_id}")
+    try:
+        for stale in abandon_running(ctx.client, [ctx.experiment_id], target.name,
+                                     target.version, exclude_run_id=run_id, reason=reason):
+            log.warning("run %s of %s was abandoned by its process: marked error", stale,
+                        target.label)
+    except Exception as exc:
+        log.warning("could not close abandoned runs of %s: %s", target.label, redact(exc))
 
 
 def _run_audit(ctx: _Context, target: Target, work: Path) -> AuditResult:

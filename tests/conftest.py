@@ -78,7 +78,8 @@ def pg_url():
     admin = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
     try:
         engine = sqlalchemy.create_engine(admin, connect_args={"connect_timeout": 3},
-                                          isolation_level="AUTOCOMMIT")
+                                          isolation_level="AUTOCOMMIT",
+                                          pool_pre_ping=True)  # a test may restart the server
         engine.connect().close()
     except sqlalchemy.exc.OperationalError as exc:
         if os.environ.get("CI", "").lower() == "true":

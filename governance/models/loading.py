@@ -34,6 +34,7 @@ from torch import nn
 
 from governance.errors import ModelLoadError
 from governance.models.architectures import LAYOUTS, SUPPORTED_ARCHITECTURES, Anatomy, anatomy_of
+from governance.models.memory import refuse_if_too_large
 from governance.models.mlflow_artifacts import (
     COMPONENTS_DIR,
     flavor_dirs,
@@ -115,9 +116,10 @@ def load_model(
     `custom_pipelines`, unknown class names in a `*config.json` or in the MLflow flavour) is
     refused unless `trust_remote_code=True`; an MLflow model's `code/` folder is never
     imported either way. Weights load from safetensors only: pickle-based weights
-    (`pytorch_model.bin`, `.pt`, `.ckpt`, ...) are refused unless `allow_pickle=True`. Any
-    failure, including an unsupported architecture, raises `ModelLoadError` naming the
-    source.
+    (`pytorch_model.bin`, `.pt`, `.ckpt`, ...) are refused unless `allow_pickle=True`. A
+    model whose safetensors weights need more memory at `dtype` than the device has free is
+    refused before loading (`governance.models.memory`). Any failure, including an
+    unsupported architecture, raises `ModelLoadError` naming the source.
     """
     target_device = _resolve_device(device)
     target_dtype = _resolve_dtype(dtype, target_device)
@@ -130,7 +132,8 @@ def load_model(
         kind = "mlflow"
         shown = redact(text)
         model, tokenizer, extra = _load_mlflow(
-            text, shown, target_dtype, trust_remote_code, attn_implementation, allow_pickle
+            text, shown, target_device, target_dtype, trust_remote_code, attn_implementation,
+            allow_pickle,
         )
     else:
         path = Path(text).expanduser()
@@ -143,6 +146,7 @@ def load_model(
             refuse_custom_code(requests, f"model source {text!r}", trust_remote_code)
             _check_config_model_type(path / "config.json", text)
             use_safetensors = check_weights(path, "", f"model source {text!r}", allow_pickle)
+            refuse_if_too_large(path, target_device, target_dtype, f"model source {text!r}")
             model, tokenizer = _load_pretrained(
                 path, path, text, target_dtype, trust_remote_code, attn_implementation,
                 use_safetensors=use_safetensors,
@@ -315,6 +319,7 @@ def _load_pretrained(
 def _load_mlflow(
     uri: str,
     shown: str,
+    device: torch.device,
     dtype: torch.dtype,
     trust_remote_code: bool,
     attn_implementation: str,
@@ -351,6 +356,7 @@ def _load_mlflow(
         use_safetensors = check_weights(
             model_dir, relative(model_dir, root), what, allow_pickle
         )
+        refuse_if_too_large(model_dir, device, dtype, what)
         model, tokenizer = _load_pretrained(
             model_dir, tokenizer_dir, shown, dtype, trust_remote_code, attn_implementation,
             use_safetensors=use_safetensors,

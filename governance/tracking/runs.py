@@ -341,6 +341,18 @@ def finish_audit_run(client: MlflowClient, run_id: str, status: str, summary: st
     client.set_terminated(run_id, "FAILED" if status == "error" else "FINISHED")
 
 
+def abandon_running(client: MlflowClient, experiment_ids: list[str], model_name: str,
+                    version: str, *, exclude_run_id: str, reason: str) -> list[str]:
+    """Mark every other attempt of a model version still `running` as `error` with `reason`
+    (its run ends FAILED) and return their ids. Call only while holding the version's lease:
+    an attempt still running then is one that stopped without recording its end."""
+    stale = [r.info.run_id for r in audit_runs(client, experiment_ids, model_name, version)
+             if r.data.tags.get(T_STATE) == "running" and r.info.run_id != exclude_run_id]
+    for run_id in stale:
+        finish_audit_run(client, run_id, "error", f"error: {reason}", reason=reason)
+    return stale
+
+
 def audit_runs(
     client: MlflowClient,
     experiment_ids: list[str],
