@@ -89,6 +89,21 @@ def make_engine(url: str, *, busy_timeout_s: float = 30.0) -> Engine:
     return create_engine(sqlalchemy_url(url), pool_pre_ping=True)
 
 
+def create_tables(engine: Engine, metadata: MetaData, what: str, url: str,
+                  error: type[Exception] = RuntimeError) -> None:
+    """Create `metadata`'s tables if missing. Two processes creating them at once: one loses
+    the race and tries again; the third failure raises `error` naming `what` and the
+    (redacted) database."""
+    for attempt in range(3):
+        try:
+            metadata.create_all(engine, checkfirst=True)
+            return
+        except (IntegrityError, OperationalError, ProgrammingError) as exc:
+            if attempt == 2:
+                raise error(redact(f"cannot create the {what} in {url}: {exc}")) from exc
+            time.sleep(0.2 * (attempt + 1))
+
+
 class LeaseStore:
     """Leases in table `persona_audit_leases` of the database at `url`."""
 
@@ -101,7 +116,7 @@ class LeaseStore:
         self.holder = holder or default_holder()
         self.retry = retry or RetryOptions(attempts=1)
         self.engine = make_engine(url)
-        self._create_table()
+        create_tables(self.engine, _metadata, f"lease table {TABLE}", url)
 
     def retrying(self, what: str, fn: Callable[[], Any]) -> Any:
         """`fn()`, retried with backoff while the database cannot be reached."""
@@ -109,18 +124,6 @@ class LeaseStore:
         return with_retries(f"lease database {redact(self.url)} ({what})", fn, r.attempts,
                             r.initial_delay_s, r.max_delay_s, retry_if=database_gone,
                             error=LeaseUnavailable)
-
-    def _create_table(self) -> None:
-        for attempt in range(3):  # two processes creating the table at once: one loses
-            try:
-                _metadata.create_all(self.engine, checkfirst=True)
-                return
-            except (IntegrityError, OperationalError, ProgrammingError) as exc:
-                if attempt == 2:
-                    raise RuntimeError(
-                        redact(f"cannot create the lease table {TABLE} in {self.url}: {exc}")
-                    ) from exc
-                time.sleep(0.2 * (attempt + 1))
 
     def try_acquire(self, key: str) -> bool:
         """Take `key` if nobody holds it or its holder's lease expired (or it is ours)."""

@@ -41,7 +41,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import IntegrityError
 
 from governance.redaction import redact
 
@@ -108,19 +108,11 @@ class AuditQueue:
     short: it must answer within a second)."""
 
     def __init__(self, url: str, *, busy_timeout_s: float = 30.0):
-        from jobs.lease import make_engine
+        from jobs.lease import create_tables, make_engine
 
         self.url = url
         self.engine: Engine = make_engine(url, busy_timeout_s=busy_timeout_s)
-        for attempt in range(3):  # two processes creating the table at once: one loses
-            try:
-                _metadata.create_all(self.engine, checkfirst=True)
-                break
-            except (IntegrityError, OperationalError, ProgrammingError) as exc:
-                if attempt == 2:
-                    raise RuntimeError(redact(
-                        f"cannot create the queue table {TABLE} in {url}: {exc}")) from exc
-                time.sleep(0.2 * (attempt + 1))
+        create_tables(self.engine, _metadata, f"queue table {TABLE}", url)
 
     # -- the receiver's side --------------------------------------------------------------
 

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Column, Float, MetaData, String, Table, select, update
-from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
+from sqlalchemy.exc import IntegrityError
 
 from governance.errors import ConfigError
 from governance.redaction import redact
@@ -103,20 +103,12 @@ class ScheduleState:
     `url`: read with `read(name)`, written by `record_next` and `record_fire`."""
 
     def __init__(self, url: str, writer: str | None = None):
-        from jobs.lease import default_holder, make_engine
+        from jobs.lease import create_tables, default_holder, make_engine
 
         self.url = url
         self.writer = writer or default_holder()
         self.engine = make_engine(url)
-        for attempt in range(3):  # two processes creating the table at once: one loses
-            try:
-                _metadata.create_all(self.engine, checkfirst=True)
-                break
-            except (IntegrityError, OperationalError, ProgrammingError) as exc:
-                if attempt == 2:
-                    raise ConfigError(f"cannot create the schedule table {TABLE} in "
-                                      f"{redact(url)}: {redact(exc)}") from exc
-                time.sleep(0.2 * (attempt + 1))
+        create_tables(self.engine, _metadata, f"schedule table {TABLE}", url, ConfigError)
 
     def read(self, name: str) -> ScheduleRow | None:
         """The row of job `name`, or None."""

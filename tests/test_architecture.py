@@ -82,20 +82,16 @@ def _ours(name: str) -> str | None:
 def reaches(module: str) -> frozenset[str]:
     """Everything `module` imports, directly or through modules of ours (third-party names
     as imported, e.g. `torch.nn`)."""
-    seen: set[str] = set()
-    todo = [module]
+    found: set[str] = set()
+    visited, todo = {module}, [module]
     while todo:
         for name in imports_of(todo.pop()):
-            if name in seen:
-                continue
-            seen.add(name)
+            found.add(name)
             ours = _ours(name)
-            if ours is not None and ours not in seen | {module}:
-                seen.add(ours)
+            if ours is not None and ours not in visited:
+                visited.add(ours)
                 todo.append(ours)
-            elif ours is not None and ours == name:
-                todo.append(ours)
-    return frozenset(seen)
+    return frozenset(found | (visited - {module}))
 
 
 def layer(module: str) -> str:

@@ -19,7 +19,6 @@ import json
 import os
 import re
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -31,7 +30,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from support.nightly import log_tiny, register, write_setup
+from support.nightly import log_tiny, register, tiny_registry, write_setup
+from support.servers import clean_env, free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
@@ -40,12 +40,7 @@ MLFLOW = str(Path(sys.executable).parent / "mlflow")
 def _env(**extra: str) -> dict[str, str]:
     """A subprocess environment: this checkout first on the path, no inherited MLflow or
     PERSONA_AUDIT settings."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("MLFLOW_TRACKING", "MLFLOW_REGISTRY", "PERSONA_AUDIT"))}
-    env.update(PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               MLFLOW_DISABLE_TELEMETRY="true", OMP_NUM_THREADS="1")
-    env.update(extra)
-    return env
+    return clean_env(PYTHONPATH=str(ROOT), **extra)
 
 
 def _nightly(cfg: Path, log: Path, *extra: str, env: dict[str, str]) -> subprocess.Popen:
@@ -148,16 +143,12 @@ class MlflowServer:
 
     def __init__(self, root: Path):
         self.root = root
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.starts = 0  # each start logs to its own file
 
     def start(self, wait_s: float = 90) -> None:
-        import requests
-
         self.starts += 1
         log = self.root / f"server-{self.starts}.log"
         self.proc = subprocess.Popen(
@@ -166,16 +157,7 @@ class MlflowServer:
              "--port", str(self.port), "--workers", "1"],
             stdout=open(log, "w"), stderr=subprocess.STDOUT, env=_env(),
             start_new_session=True)
-        deadline = time.time() + wait_s
-        while True:
-            try:
-                if requests.get(f"{self.url}/health", timeout=2).ok:
-                    return
-            except requests.ConnectionError:
-                pass
-            assert self.proc.poll() is None, log.read_text()[-3000:]
-            assert time.time() < deadline, f"mlflow server not up in {wait_s} s"
-            time.sleep(0.3)
+        wait_healthy(f"{self.url}/health", self.proc, log, wait_s)
 
     def kill(self) -> None:
         """SIGKILL the whole server (its process group): no shutdown, no goodbye."""
@@ -311,22 +293,8 @@ def test_tracking_server_killed_mid_audit_and_left_down(served):
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tokenizer):
     """A SQLite registry with one logged tiny model (registered under each test's names)."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    root = tmp_path_factory.mktemp("faults")
-    uri = f"sqlite:///{root}/mlflow.db"
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PERSONA_AUDIT_CONFIG"):
-            mp.delenv(var, raising=False)
-        client = MlflowClient(uri)
-        exp = client.create_experiment("models", artifact_location=str(root / "models"))
-        mlflow.set_tracking_uri(uri)
-        try:
-            src = log_tiny(tokenizer, exp, 1)
-        finally:
-            mlflow.set_tracking_uri(None)
-        yield {"root": root, "uri": uri, "client": client, "src": src, "exp": exp}
+    with tiny_registry(tmp_path_factory.mktemp("faults"), tokenizer) as registry:
+        yield registry
 
 
 # -- the nightly process killed mid-audit -----------------------------------------------------

@@ -10,14 +10,13 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
 from support.nightly import ENABLED, log_tiny, register, write_setup
-from support.servers import clean_env, free_port, mlflow_server
+from support.servers import clean_env, free_port, mlflow_server, wait_healthy
 
 SECRET = "whsec-" + uuid.uuid4().hex
 
@@ -26,20 +25,6 @@ def _start(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "jobs.cli.main", *args],
                             stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env,
                             start_new_session=True)
-
-
-def _healthy(url: str, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:
-    deadline = time.time() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        assert proc.poll() is None, log.read_text()[-3000:]
-        assert time.time() < deadline, f"{url} never answered:\n{log.read_text()[-3000:]}"
-        time.sleep(0.5)
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -82,9 +67,10 @@ def test_a_registered_version_reaches_its_approval_record_through_the_stack(
             scheduler = _start(["schedule", "--config", str(config)],
                                tmp_path / "scheduler.log", env)
             procs.append(scheduler)
-            _healthy(f"http://127.0.0.1:{hook_port}/healthz", hook, tmp_path / "webhook.log")
-            _healthy(f"http://127.0.0.1:{health_port}/healthz", scheduler,
-                     tmp_path / "scheduler.log")
+            wait_healthy(f"http://127.0.0.1:{hook_port}/healthz", hook,
+                         tmp_path / "webhook.log", 90)
+            wait_healthy(f"http://127.0.0.1:{health_port}/healthz", scheduler,
+                         tmp_path / "scheduler.log", 90)
 
             client = MlflowClient(url)
             client.create_webhook(name="persona-audit", secret=SECRET,

@@ -12,28 +12,14 @@ import time
 import pytest
 import yaml
 
-from support.nightly import ENABLED, LENIENT, log_tiny, register, write_setup
+from support.nightly import ENABLED, LENIENT, register, tiny_registry, write_setup
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tokenizer):
     """A SQLite registry with one logged tiny model, registered under awkward names."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    root = tmp_path_factory.mktemp("trust")
-    uri = f"sqlite:///{root}/mlflow.db"
-    with pytest.MonkeyPatch.context() as mp:
-        for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PERSONA_AUDIT_CONFIG"):
-            mp.delenv(var, raising=False)
-        client = MlflowClient(uri)
-        exp = client.create_experiment("models", artifact_location=str(root / "models"))
-        mlflow.set_tracking_uri(uri)
-        try:
-            src = log_tiny(tokenizer, exp, 1)
-        finally:
-            mlflow.set_tracking_uri(None)
-        yield {"root": root, "uri": uri, "client": client, "src": src}
+    with tiny_registry(tmp_path_factory.mktemp("trust"), tokenizer) as registry:
+        yield registry
 
 
 def _config(store, name: str, **extra):

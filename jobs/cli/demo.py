@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from jobs import demo
 from jobs.cli.exits import EXIT_INCOMPLETE, EXIT_OK
 from jobs.demo import DEMO_SPEC, Plant, run_demo
 
@@ -13,7 +14,7 @@ def add_cli(sub: Any) -> None:
     p = sub.add_parser(
         "demo",
         help="build a local MLflow registry with two audited versions of SmolLM2",
-        description=demo_doc(),
+        description=demo.__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="example: persona-gov demo --dir demo && mlflow ui --backend-store-uri "
                "sqlite:///demo/mlflow.db",
@@ -34,9 +35,3 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                       n_questions=args.n_questions,
                       plant=Plant(args.plant_layer, args.plant_head, args.plant_scale))
     return EXIT_INCOMPLETE if any(o.status == "error" for o in result.outcomes) else EXIT_OK
-
-
-def demo_doc() -> str:
-    import jobs.demo
-
-    return jobs.demo.__doc__ or ""

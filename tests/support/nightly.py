@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -91,3 +93,25 @@ def register(client, name: str, source: str, tags: dict | None = None) -> str:
     finally:
         mlflow.set_tracking_uri(before)
     return str(mv.version)
+
+
+@contextmanager
+def tiny_registry(root: Path, tokenizer) -> Iterator[dict]:
+    """A SQLite registry under `root` with one logged tiny model (`src`, to register under
+    any name), MLflow's and the nightly's URI variables cleared for the block."""
+    import mlflow
+    import pytest
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{root}/mlflow.db"
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "PERSONA_AUDIT_CONFIG"):
+            mp.delenv(var, raising=False)
+        client = MlflowClient(uri)
+        exp = client.create_experiment("models", artifact_location=str(root / "models"))
+        mlflow.set_tracking_uri(uri)
+        try:
+            src = log_tiny(tokenizer, exp, 1)
+        finally:
+            mlflow.set_tracking_uri(None)
+        yield {"root": root, "uri": uri, "client": client, "src": src, "exp": exp}

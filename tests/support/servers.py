@@ -31,13 +31,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, proc: subprocess.Popen, log: Path, wait_s: float) -> None:
+    """Poll `url` until it answers 200; fail with the end of `log` if `proc` exits first or
+    `wait_s` passes."""
+    import urllib.request
+
+    deadline = time.time() + wait_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            pass
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.time() < deadline, f"{url} did not answer in {wait_s} s:\n" + \
+            log.read_text()[-3000:]
+        time.sleep(0.3)
+
+
 @contextmanager
 def mlflow_server(log_dir: Path, args: list[str], env: dict[str, str],
                   wait_s: float) -> Iterator[str]:
     """A real `mlflow server` on a free loopback port: yields its URL once /health answers,
     and is stopped by its process group's PID however the block ends."""
-    import requests
-
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen(
@@ -46,16 +63,7 @@ def mlflow_server(log_dir: Path, args: list[str], env: dict[str, str],
         stdout=open(log_dir / "server.log", "w"), stderr=subprocess.STDOUT, env=env,
         start_new_session=True)
     try:
-        deadline = time.time() + wait_s
-        while True:
-            try:
-                if requests.get(f"{url}/health", timeout=2).ok:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert server.poll() is None, (log_dir / "server.log").read_text()[-3000:]
-            assert time.time() < deadline, f"mlflow server did not answer /health in {wait_s} s"
-            time.sleep(0.5)
+        wait_healthy(f"{url}/health", server, log_dir / "server.log", wait_s)
         yield url
     finally:
         os.killpg(server.pid, signal.SIGTERM)
