@@ -104,7 +104,7 @@ class AuditPartial:
         }
         for i, (label, r) in enumerate(self.raw.items()):
             head["raw"][label] = {"key": i, "prompts": r.prompts,
-                                  "patches": [_patch_json(p) for p in r.patches]}
+                                  "patches": [patch_json(p) for p in r.patches]}
             arrays |= {f"clean{i}": r.clean, f"corrupt{i}": r.corrupt, f"patched{i}": r.patched}
         for i, persona in enumerate(self.persona_logits):
             arrays[f"logits{i}"] = self.persona_logits[persona]
@@ -128,7 +128,7 @@ class AuditPartial:
         except (zipfile.BadZipFile, KeyError, ValueError) as exc:
             raise GovernanceError(f"not an audit shard's result: {exc}") from exc
         raw = {
-            label: PairRaw([_patch_from(p) for p in r["patches"]],
+            label: PairRaw([patch_from(p) for p in r["patches"]],
                            arrays[f"clean{r['key']}"], arrays[f"corrupt{r['key']}"],
                            arrays[f"patched{r['key']}"], r["prompts"])
             for label, r in head["raw"].items()
@@ -164,22 +164,24 @@ class ScreenChoice:
     chosen: list[Any]  # Patch: the top k of each sweep
 
     def to_json(self) -> dict[str, Any]:
-        return {"patches": [_patch_json(p) for p in self.patches],
+        return {"patches": [patch_json(p) for p in self.patches],
                 "estimate": [float(x) for x in self.estimate],
-                "chosen": [_patch_json(p) for p in self.chosen]}
+                "chosen": [patch_json(p) for p in self.chosen]}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> ScreenChoice:
-        return cls([_patch_from(p) for p in data["patches"]],
+        return cls([patch_from(p) for p in data["patches"]],
                    np.asarray(data["estimate"], dtype=np.float64),
-                   [_patch_from(p) for p in data["chosen"]])
+                   [patch_from(p) for p in data["chosen"]])
 
 
-def _patch_json(p: Any) -> list[Any]:
+def patch_json(p: Any) -> list[Any]:
+    """A patch as plain data: [component, layer, positions, head]."""
     return [p.component, p.layer, p.positions, p.head]
 
 
-def _patch_from(row: Sequence[Any]) -> Any:
+def patch_from(row: Sequence[Any]) -> Any:
+    """The patch `patch_json` wrote."""
     from governance.patching.engine import Patch
 
     return Patch(row[0], int(row[1]), row[2], None if row[3] is None else int(row[3]))
