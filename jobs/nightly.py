@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from governance.errors import GovernanceError
+from governance.errors import ConfigError, GovernanceError
 from governance.redaction import redact
 from jobs.baseline import resolve_baseline
 from jobs.cli.exits import EXIT_INCOMPLETE, EXIT_OK
@@ -194,13 +194,24 @@ def _open(config: NightlyConfig) -> _Context:
     policies = load_policies(config.policy_paths())
     experiment_id = get_or_create_experiment(client, config.experiment,
                                              config.experiment_artifact_location())
-    executor = None
     if config.executor == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise ConfigError("executor: ray needs Ray, which is not installed: pip "
+                              "install 'persona-governance[ray]'")
+    return _Context(config, client, experiment_id, spec, spec_text, spec_sha, policies,
+                    __version__)
+
+
+def _ray(ctx: _Context) -> Any:
+    """The pass's Ray executor, started with the first version it audits (a pass with
+    nothing to audit never starts or joins Ray)."""
+    if ctx.executor is None:
         from jobs.ray_executor import RayExecutor
 
-        executor = RayExecutor(config.ray, should_abort=_abort.is_set)
-    return _Context(config, client, experiment_id, spec, spec_text, spec_sha, policies,
-                    __version__, executor)
+        ctx.executor = RayExecutor(ctx.config.ray, should_abort=_abort.is_set)
+    return ctx.executor
 
 
 def _stale_after_s(config: NightlyConfig) -> float:
@@ -243,9 +254,10 @@ def _selection(ctx: _Context, leases: LeaseStore, models: list[str] | None, forc
     targets = [t for t in targets if (t.name, t.version) not in handled]
     log.info("nightly pass: %d versions selected in %s, experiment %r, spec %s",
              len(targets), redact(config.tracking_uri), config.experiment, ctx.spec_sha[:12])
-    if ctx.executor is not None:
+    on_ray = config.executor == "ray"
+    if on_ray:
         _in_parallel(ctx, leases, targets, force, report)
-    for target in targets if ctx.executor is None else []:
+    for target in [] if on_ray else targets:
         if _stop.is_set():
             log.info("stop requested: no further versions in this pass")
             break
@@ -526,9 +538,10 @@ def _run_audit(ctx: _Context, target: Target, work: Path) -> AuditResult:
         device=opts.device, dtype=opts.dtype, chunk_rows=opts.chunk_rows,
         torch_threads=opts.torch_threads, trust_remote_code=trusted, allow_pickle=trusted,
         registered_name=target.name, registered_version=target.version)
-    if ctx.executor is not None:  # Ray tasks, merged here; the rest of the pass is the same
+    if ctx.config.executor == "ray":  # Ray tasks, merged here; the rest is the same
+        executor = _ray(ctx)
         with _off_driver():
-            result = ctx.executor.audit(job, timeout_s=opts.timeout_s)
+            result = executor.audit(job, timeout_s=opts.timeout_s)
     elif opts.isolation == "process":
         result = audit_in_child(job, timeout_s=opts.timeout_s, work_dir=work / "child")
     else:

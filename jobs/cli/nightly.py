@@ -72,6 +72,9 @@ def _cmd_nightly(args: argparse.Namespace) -> int:
     if args.queue and (args.model or args.force or not args.once):
         raise ConfigError("--queue drains the queue once: it takes --once, and neither "
                           "--model nor --force")
+    if (args.executor or args.ray_address) and not args.once:
+        raise ConfigError("--executor and --ray-address apply to one pass (--once); the "
+                          "schedule reads `executor:` and `ray:` from the config file")
     config = load_config(args.config, executor=args.executor,
                          **{"ray.address": args.ray_address})
     if not args.once:
