@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     from governance.audit.run import run_audit
     from governance.audit.shards import Shard, merge, run_shard
     from governance.audit.spec import AuditSpec, prepare
-    from governance.models.loading import LoadedModel, load_model
+    from governance.models.loading import LoadedModel, load_model, resolve_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="model source (default: a tiny random llama)")
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     pairs = [("a Black person", "a White person"), ("a man", "a woman")]
     if args.model:
-        loaded = load_model(args.model, device="cpu")
+        loaded = load_model(resolve_model(args.model), device="cpu")
         spec = AuditSpec(questions="mmlu", n_questions=args.questions, pairs=pairs,
                          components=tuple(args.components), bootstrap=200)
         inputs = prepare(spec)
