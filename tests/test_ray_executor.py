@@ -156,3 +156,19 @@ def test_a_task_that_fails_is_recorded_error_with_its_reason(reg, tmp_path):
     assert outcome.status == "error" and outcome.run_id, report.text()
     assert outcome.reason.startswith("ModelLoadError: ") and "no MLmodel file" in outcome.reason
     assert client.get_model_version("broken-r", "1").tags["persona_audit.status"] == "error"
+
+
+def test_a_version_over_its_time_limit_is_cancelled_and_recorded_error(reg):
+    """`audit.timeout_s` holds on Ray too: the tasks are cancelled (their workers killed) and
+    the version is `error`, never given a verdict."""
+    from jobs.config import load_config
+    from jobs.nightly import run_pass
+
+    client = reg["client"]
+    version = register(client, "tiny-d", reg["src"], ENABLED)
+    config = load_config(reg["config"], **{"audit.timeout_s": 0.2})
+    report = run_pass(config, models=["tiny-d"])
+    [outcome] = report.outcomes
+    assert outcome.status == "error" and "timed out" in outcome.reason, report.text()
+    assert client.get_model_version("tiny-d", version).tags["persona_audit.status"] == "error"
+    assert ray.available_resources().get("CPU", 0) > 0  # the cancelled task gave its CPU back
