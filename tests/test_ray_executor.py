@@ -171,4 +171,3 @@ def test_a_version_over_its_time_limit_is_cancelled_and_recorded_error(reg):
     [outcome] = report.outcomes
     assert outcome.status == "error" and "timed out" in outcome.reason, report.text()
     assert client.get_model_version("tiny-d", version).tags["persona_audit.status"] == "error"
-    assert ray.available_resources().get("CPU", 0) > 0  # the cancelled task gave its CPU back
