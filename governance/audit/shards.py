@@ -8,7 +8,8 @@ questions with a fixed seed. So a shard keeps the raw numbers of its questions (
 logits of the clean, corrupted and patched runs per pair, each persona's option logits, each
 persona's identity mass per question), and `merge` puts them back in the order of the
 sampled question list and builds the tables with the same functions `run_audit` uses: the
-merged tables equal one run's, bit for bit on the same device and dtype.
+merged tables equal one run's: bit for bit in fp32 on a CPU (tests/test_shards.py); on a GPU,
+as far as its kernels give the same numbers for the same question run twice.
 
 A shard holds the questions at positions `index, index + count, ...` of the sampled list:
 stable night to night, and each shard gets a share of every subject. With `screen: atp` the
