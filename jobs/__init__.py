@@ -8,7 +8,9 @@ The application layer over the `governance` library. Modules: `config` (the YAML
 and env overrides), `spec` (the audit spec the nightly runs), `connection` (reaching MLflow),
 `lease` (a database row per version so two processes never audit the same version),
 `discovery` (which model versions to audit), `baseline` (what a version is compared with),
-`verdict` (policy, drift and report for one audit), `nightly` (one pass), `gate`,
+`verdict` (policy, drift and report for one audit), `isolation` (an audit in a child
+process), `ray_executor` (audits as Ray tasks, one per question shard), `nightly` (one
+pass), `gate`,
 `scheduler`, `demo`, and `cli` (the `persona-gov` command line). All MLflow I/O for audit
 runs goes through `governance.tracking`. Importing this package loads nothing heavy.
 """

@@ -182,6 +182,23 @@ class WebhookOptions(_Strict):
         return data
 
 
+class RayOptions(_Strict):
+    """`executor: ray`: one Ray task per (version, question shard), merged on the driver,
+    which alone writes to MLflow. Needs the `ray` extra (pip install persona-governance[ray])."""
+
+    address: str | None = Field(
+        None, description="Ray cluster address (e.g. ray://head:10001, or auto for the "
+                          "cluster on this host); None = start a local Ray instance")
+    shards: int = Field(1, ge=1, description="question shards per version: tasks that each "
+                                             "audit part of the questions, merged exactly")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per task; fractional for small "
+                                                   "models (0.25: four tasks share a GPU)")
+    num_cpus: float = Field(1.0, ge=0, description="CPUs per task")
+    max_retries: int = Field(3, ge=0, description="times a task is run again when its "
+                                                  "worker or node dies")
+    parallel_versions: int = Field(4, ge=1, description="versions in flight at once")
+
+
 class NightlyConfig(_Strict):
     """Everything one nightly pass needs."""
 
@@ -203,6 +220,10 @@ class NightlyConfig(_Strict):
         Latest(latest=1), description="versions for a --model NAME not named in `models`"
     )
     audit: AuditOptions = AuditOptions()
+    executor: Literal["local", "ray"] = Field(
+        "local", description="local: audits one after another on this host (audit.isolation "
+                             "decides child process or inline); ray: on a Ray cluster")
+    ray: RayOptions = RayOptions()
     lease: LeaseOptions = LeaseOptions()
     retry: RetryOptions = RetryOptions()
     gate: GateOptions = GateOptions()

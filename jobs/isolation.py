@@ -145,11 +145,20 @@ def _child(job: dict[str, Any], out: str) -> None:
 
 
 def _audit(job: AuditJob) -> AuditResult:
+    from governance.audit.run import run_audit
+    from governance.audit.spec import AuditSpec
+
+    return run_audit(load_job_model(job), AuditSpec.model_validate(job.spec),
+                     chunk_rows=job.chunk_rows, progress=False)
+
+
+def load_job_model(job: AuditJob) -> Any:
+    """The registered model of `job`, loaded in a worker (a child process here, a Ray task
+    in `jobs.ray_executor`): its own code and pickle weights only where the config trusts
+    it (`job.trust_remote_code`, `job.allow_pickle`)."""
     import mlflow
     import torch
 
-    from governance.audit.run import run_audit
-    from governance.audit.spec import AuditSpec
     from governance.models.loading import load_model
 
     mlflow.set_tracking_uri(job.tracking_uri)
@@ -160,5 +169,4 @@ def _audit(job: AuditJob) -> AuditResult:
                         trust_remote_code=job.trust_remote_code, allow_pickle=job.allow_pickle)
     loaded.identity["registered_name"] = job.registered_name
     loaded.identity["registered_version"] = job.registered_version
-    return run_audit(loaded, AuditSpec.model_validate(job.spec), chunk_rows=job.chunk_rows,
-                     progress=False)
+    return loaded

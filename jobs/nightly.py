@@ -23,6 +23,10 @@ Then comes the normal selection, without the versions the queue already handled.
 `run_pass(config, queue="only")` drains the queue alone (`persona-gov nightly --once
 --queue`, and the scheduler's queue job); a pass limited to `models` leaves the queue alone.
 One pass at a time per process (`_pass_lock`); across processes the leases decide.
+
+With `executor: ray` (`persona-gov nightly --executor ray`) each version's audit runs as Ray
+tasks, one per question shard (`jobs.ray_executor`), up to `ray.parallel_versions` versions
+at once; everything else above happens here, in the driver, one version at a time.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from governance.errors import GovernanceError
+from governance.errors import ConfigError, GovernanceError
 from governance.redaction import redact
 from jobs.baseline import resolve_baseline
 from jobs.cli.exits import EXIT_INCOMPLETE, EXIT_OK
@@ -127,6 +131,7 @@ class _Context:
     spec_sha: str
     policies: list[Any]
     toolkit: str
+    executor: Any = None  # RayExecutor with `executor: ray`, else None
 
 
 def run_pass(config: NightlyConfig, *, models: list[str] | None = None,
@@ -145,7 +150,7 @@ def _run_pass(config: NightlyConfig, *, models: list[str] | None, force: bool,
     _stop.clear()
     mode = "off" if models and queue == "first" else queue
     report = PassReport(kind="queue" if mode == "only" else "nightly")
-    leases = pending = None
+    leases = pending = ctx = None
     raised, empty = True, False  # empty: the queue alone, and nothing in it (not a pass)
     try:
         if mode != "off":
@@ -166,6 +171,8 @@ def _run_pass(config: NightlyConfig, *, models: list[str] | None, force: bool,
         for store in (leases, pending):
             if store is not None:
                 store.dispose()
+        if ctx is not None and ctx.executor is not None:
+            ctx.executor.close()
         report.finished_at = time.time()
         if not empty:
             from jobs import metrics
@@ -187,8 +194,24 @@ def _open(config: NightlyConfig) -> _Context:
     policies = load_policies(config.policy_paths())
     experiment_id = get_or_create_experiment(client, config.experiment,
                                              config.experiment_artifact_location())
+    if config.executor == "ray":
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise ConfigError("executor: ray needs Ray, which is not installed: pip "
+                              "install 'persona-governance[ray]'")
     return _Context(config, client, experiment_id, spec, spec_text, spec_sha, policies,
                     __version__)
+
+
+def _ray(ctx: _Context) -> Any:
+    """The pass's Ray executor, started with the first version it audits (a pass with
+    nothing to audit never starts or joins Ray)."""
+    if ctx.executor is None:
+        from jobs.ray_executor import RayExecutor
+
+        ctx.executor = RayExecutor(ctx.config.ray, should_abort=_abort.is_set)
+    return ctx.executor
 
 
 def _stale_after_s(config: NightlyConfig) -> float:
@@ -231,7 +254,10 @@ def _selection(ctx: _Context, leases: LeaseStore, models: list[str] | None, forc
     targets = [t for t in targets if (t.name, t.version) not in handled]
     log.info("nightly pass: %d versions selected in %s, experiment %r, spec %s",
              len(targets), redact(config.tracking_uri), config.experiment, ctx.spec_sha[:12])
-    for target in targets:
+    on_ray = config.executor == "ray"
+    if on_ray:
+        _in_parallel(ctx, leases, targets, force, report)
+    for target in [] if on_ray else targets:
         if _stop.is_set():
             log.info("stop requested: no further versions in this pass")
             break
@@ -244,6 +270,64 @@ def _selection(ctx: _Context, leases: LeaseStore, models: list[str] | None, forc
         if (target.name, target.version) not in done:
             report.outcomes.append(Outcome(target.name, target.version, "skipped",
                                            "the pass stopped before this version"))
+
+
+# With `executor: ray`, up to `ray.parallel_versions` versions are in flight at once, each in
+# its own driver thread. A thread holds `_driver` for all of its own work (lease, registry,
+# MLflow logging, verdict) and lets go of it only while its Ray tasks run: the driver's
+# writes happen one version at a time, exactly as in a sequential pass.
+_driver = threading.Lock()
+_holds_driver = threading.local()
+_abort = threading.Event()  # Ctrl-C/SIGTERM during a parallel pass: cancel the Ray tasks
+
+
+def _in_parallel(ctx: _Context, leases: LeaseStore, targets: list[Target], force: bool,
+                 report: PassReport) -> None:
+    """`_timed` for every target, `ray.parallel_versions` at a time; outcomes in target order.
+    A lost tracking store or a stop request skips the versions not yet begun."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    halt = threading.Event()
+
+    def one(target: Target) -> Outcome | None:
+        with _driver:
+            if halt.is_set() or _stop.is_set() or _abort.is_set():
+                return None
+            _holds_driver.yes = True
+            try:
+                outcome = _timed(ctx, leases, target, force)
+            finally:
+                _holds_driver.yes = False
+            if outcome.status == "error" and not _still_reachable(ctx.config):
+                halt.set()
+            return outcome
+
+    _abort.clear()
+    pool = ThreadPoolExecutor(ctx.config.ray.parallel_versions, thread_name_prefix="version")
+    try:
+        futures = [pool.submit(one, t) for t in targets]
+        for future in futures:
+            outcome = future.result()
+            if outcome is not None:
+                report.outcomes.append(outcome)
+    except BaseException:
+        _abort.set()  # the threads' Ray waits raise KeyboardInterrupt: each records `error`
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextmanager
+def _off_driver() -> Iterator[None]:
+    """While a version's Ray tasks run, let the other versions' threads do driver work."""
+    held = getattr(_holds_driver, "yes", False)
+    if held:
+        _driver.release()
+    try:
+        yield
+    finally:
+        if held:
+            _driver.acquire()
 
 
 _ROW_STATE = {"pass": "done", "warn": "done", "fail": "done", "up-to-date": "done",
@@ -441,19 +525,24 @@ def _close_abandoned(ctx: _Context, target: Target, run_id: str) -> None:
 
 def _run_audit(ctx: _Context, target: Target, work: Path) -> AuditResult:
     """Load and audit one version: in a child process under the time limit (the default),
-    or inline. Only models the config trusts by name may bring their own code."""
+    inline, or as Ray tasks (`executor: ray`). Only models the config trusts by name may
+    bring their own code."""
     from governance.audit.run import run_audit
     from governance.models.loading import load_model
 
     opts = ctx.config.audit
     trusted = opts.trusts(target.name)
-    if opts.isolation == "process":
-        job = AuditJob(
-            model_uri=target.uri, spec=ctx.spec.model_dump(mode="json"),
-            tracking_uri=ctx.config.tracking_uri, registry_uri=ctx.config.registry_uri,
-            device=opts.device, dtype=opts.dtype, chunk_rows=opts.chunk_rows,
-            torch_threads=opts.torch_threads, trust_remote_code=trusted, allow_pickle=trusted,
-            registered_name=target.name, registered_version=target.version)
+    job = AuditJob(
+        model_uri=target.uri, spec=ctx.spec.model_dump(mode="json"),
+        tracking_uri=ctx.config.tracking_uri, registry_uri=ctx.config.registry_uri,
+        device=opts.device, dtype=opts.dtype, chunk_rows=opts.chunk_rows,
+        torch_threads=opts.torch_threads, trust_remote_code=trusted, allow_pickle=trusted,
+        registered_name=target.name, registered_version=target.version)
+    if ctx.config.executor == "ray":  # Ray tasks, merged here; the rest is the same
+        executor = _ray(ctx)
+        with _off_driver():
+            result = executor.audit(job, timeout_s=opts.timeout_s)
+    elif opts.isolation == "process":
         result = audit_in_child(job, timeout_s=opts.timeout_s, work_dir=work / "child")
     else:
         with mlflow_uris(ctx.config):

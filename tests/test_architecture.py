@@ -144,6 +144,15 @@ def test_the_engine_never_reaches_mlflow(module):
     assert _third_party(module, ("mlflow",)) == []
 
 
+def test_only_the_ray_executor_imports_ray():
+    """Ray is an optional extra: one module imports it, and nothing imports that module but
+    the nightly (lazily, with `executor: ray`)."""
+    importers = sorted(m for m in modules() if "ray" in {n.split(".")[0] for n in imports_of(m)})
+    assert importers == ["jobs.ray_executor"]
+    users = sorted(m for m in modules() if "jobs.ray_executor" in imports_of(m))
+    assert users == ["jobs.nightly"]
+
+
 def test_the_check_sees_lazy_imports():
     """The graph includes imports inside functions: the audit run loads the engine lazily."""
     assert "governance.patching.engine" in imports_of("governance.audit.run")

@@ -117,3 +117,12 @@ def test_smollm2_audit_shows_early_mlp_at_identity(tmp_path):
     meta = json.loads((out / "audit.json").read_text())
     assert (meta["model"]["n_layers"], meta["model"]["n_heads"]) == (30, 9)
     assert meta["option_tokens"] == [" A", " B", " C", " D"]
+
+
+def test_the_executor_flags_take_one_pass(capsys):
+    """The schedule reads its executor from the config file: the flags apply to --once."""
+    assert main(["nightly", "--executor", "ray"]) == 2
+    assert "apply to one pass (--once)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["nightly", "--once", "--executor", "dask"])
+    assert exc.value.code == 2 and "invalid choice: 'dask'" in capsys.readouterr().err

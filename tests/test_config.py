@@ -31,6 +31,9 @@ def test_config_precedence_and_relative_paths(tmp_path):
     ({"models": [{"name": "a", "versions": {"latest": 0}}]}, "models.0.versions"),
     ({"modles": []}, "modles"),
     ({"retry": {"attempts": 0}}, "retry.attempts"),
+    ({"executor": "dask"}, "executor"),
+    ({"ray": {"shards": 0}}, "ray.shards"),
+    ({"ray": {"num_gpus": -0.5}}, "ray.num_gpus"),
 ])
 def test_config_errors_name_file_and_field(tmp_path, body, match):
     from governance.errors import ConfigError
@@ -68,3 +71,14 @@ def test_config_uri_passwords_are_redacted_everywhere(tmp_path):
     load_config(cfg, env={})
     assert redact("psql: password 'Lz 7/q' rejected; Lz+7%2fq") == \
         "psql: password '***' rejected; ***"
+
+
+def test_executor_from_file_and_flags(tmp_path):
+    from jobs.config import load_config
+
+    cfg = write_setup(tmp_path, "sqlite:///x.db", ray={"shards": 4, "num_gpus": 0.25})
+    c = load_config(cfg, env={})
+    assert (c.executor, c.ray.shards, c.ray.num_gpus, c.ray.address) == ("local", 4, 0.25, None)
+    # what `persona-gov nightly --executor ray --ray-address auto` passes
+    c = load_config(cfg, env={}, executor="ray", **{"ray.address": "auto"})
+    assert (c.executor, c.ray.address, c.ray.shards) == ("ray", "auto", 4)

@@ -36,7 +36,8 @@ def add_nightly(sub: Any) -> None:
             "server is unreachable, 130 interrupted.\n"
             "examples:\n  persona-gov nightly --once --config jobs/nightly.example.yaml\n"
             "  persona-gov nightly --once --queue --config nightly.yaml   # the queue only\n"
-            "  persona-gov nightly --once --model my-llm --force"
+            "  persona-gov nightly --once --model my-llm --force\n"
+            "  persona-gov nightly --once --executor ray --ray-address auto   # on Ray"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -50,6 +51,13 @@ def add_nightly(sub: Any) -> None:
     p.add_argument("--queue", action="store_true",
                    help="only the versions queued by the registry's webhooks (table "
                         "persona_audit_queue in the lease database), then exit")
+    p.add_argument("--executor", choices=["local", "ray"],
+                   help="where audits run (default: the config's `executor`, local): ray runs "
+                        "one task per (version, question shard) on a Ray cluster and merges "
+                        "them here; needs the `ray` extra")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="Ray cluster to join (e.g. auto, ray://head:10001; default: the "
+                        "config's ray.address, else a local Ray instance)")
     p.set_defaults(func=_cmd_nightly)
 
 
@@ -64,7 +72,11 @@ def _cmd_nightly(args: argparse.Namespace) -> int:
     if args.queue and (args.model or args.force or not args.once):
         raise ConfigError("--queue drains the queue once: it takes --once, and neither "
                           "--model nor --force")
-    config = load_config(args.config)
+    if (args.executor or args.ray_address) and not args.once:
+        raise ConfigError("--executor and --ray-address apply to one pass (--once); the "
+                          "schedule reads `executor:` and `ray:` from the config file")
+    config = load_config(args.config, executor=args.executor,
+                         **{"ray.address": args.ray_address})
     if not args.once:
         from jobs.scheduler import run_scheduler
 

@@ -1,0 +1,490 @@
+"""Question shards: one audit split by question across workers or devices, merged exactly.
+
+    parts = [run_shard(model, spec, Shard(i, 2)) for i in range(2)]   # anywhere, in any order
+    result = merge(parts)                                              # == run_audit(model, spec)
+
+Every score of an audit is a ratio of sums over questions, and every interval resamples
+questions with a fixed seed. So a shard keeps the raw numbers of its questions (option
+logits of the clean, corrupted and patched runs per pair, each persona's option logits, each
+persona's identity mass per question), and `merge` puts them back in the order of the
+sampled question list and builds the tables with the same functions `run_audit` uses: the
+merged tables equal one run's: bit for bit in fp32 on a CPU (tests/test_shards.py); on a GPU,
+as far as its kernels give the same numbers for the same question run twice.
+
+A shard holds the questions at positions `index, index + count, ...` of the sampled list:
+stable night to night, and each shard gets a share of every subject. With `screen: atp` the
+screen ranks patches over all questions, so it runs once (`screen_pairs`) and every shard
+patches the same `chosen` patches; a shard never screens on its own questions.
+
+`AuditPartial.to_bytes()` / `from_bytes()` carry a shard between processes as JSON and a
+numpy archive (read with `allow_pickle=False`): nothing a worker returns can run code.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import zipfile
+from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from governance.audit.result import AuditResult
+from governance.audit.spec import AuditSpec, Inputs, prepare, spec_hash
+from governance.errors import ConfigError, GovernanceError, PromptError
+from governance.inputs.personas import NO_PERSONA, Persona, PersonaCatalogue, PersonaPair
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard `index` of `count`: the questions at positions index, index + count, ..."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.count, int) or self.count < 1:
+            raise ConfigError(f"shard count must be a positive integer, got {self.count!r}")
+        if not isinstance(self.index, int) or not 0 <= self.index < self.count:
+            raise ConfigError(f"shard index must be in 0..{self.count - 1}, got {self.index!r}")
+
+    def positions(self, n_questions: int) -> list[int]:
+        """Positions in the sampled question list that this shard audits."""
+        if self.count > n_questions:
+            raise ConfigError(f"{self.count} shards for {n_questions} questions: every shard "
+                              f"needs at least one question; use at most {n_questions} shards")
+        return list(range(self.index, n_questions, self.count))
+
+    @property
+    def label(self) -> str:
+        return f"{self.index + 1}/{self.count}"
+
+
+@dataclass
+class PairRaw:
+    """One pair's option logits on a shard's questions: clean and corrupt (q, option),
+    patched (patch, q, option), and the aligned prompts' records in question order."""
+
+    patches: list[Any]  # Patch
+    clean: np.ndarray
+    corrupt: np.ndarray
+    patched: np.ndarray
+    prompts: list[dict[str, Any]]
+
+
+@dataclass
+class AuditPartial:
+    """The raw numbers of one shard: what `merge` needs to rebuild an audit's tables."""
+
+    shard: Shard
+    positions: list[int]  # in the full sampled question list
+    pairs: list[PersonaPair]  # audited, in spec order (skipped pairs left out)
+    raw: dict[str, PairRaw]  # per pair label
+    persona_logits: dict[str, np.ndarray]  # per persona (q, option); NO_PERSONA included
+    masses: dict[str, np.ndarray]  # per persona (q, layer, head) identity mass
+    answers: np.ndarray  # (q,) correct option index
+    meta: dict[str, Any] = field(default_factory=dict)
+    # the screen, when this shard (the only one) ran it itself; else merge is given it
+    screen: dict[str, ScreenChoice] = field(default_factory=dict)
+
+    # -- transport ------------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        """A zip of `partial.json` (structure, metadata, prompts) and `arrays.npz`."""
+        arrays: dict[str, np.ndarray] = {"answers": self.answers}
+        head: dict[str, Any] = {
+            "shard": [self.shard.index, self.shard.count], "positions": self.positions,
+            "pairs": [_pair_json(p) for p in self.pairs], "meta": self.meta, "raw": {},
+            "personas": list(self.persona_logits), "masses": list(self.masses),
+            "screen": {k: c.to_json() for k, c in self.screen.items()},
+        }
+        for i, (label, r) in enumerate(self.raw.items()):
+            head["raw"][label] = {"key": i, "prompts": r.prompts,
+                                  "patches": [patch_json(p) for p in r.patches]}
+            arrays |= {f"clean{i}": r.clean, f"corrupt{i}": r.corrupt, f"patched{i}": r.patched}
+        for i, persona in enumerate(self.persona_logits):
+            arrays[f"logits{i}"] = self.persona_logits[persona]
+        for i, persona in enumerate(self.masses):
+            arrays[f"mass{i}"] = self.masses[persona]
+        npz = io.BytesIO()
+        np.savez(npz, **arrays)
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+            zf.writestr("partial.json", json.dumps(head, default=str))
+            zf.writestr("arrays.npz", npz.getvalue())
+        return buf.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> AuditPartial:
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                head = json.loads(zf.read("partial.json"))
+                npz = np.load(io.BytesIO(zf.read("arrays.npz")), allow_pickle=False)
+                arrays = {k: npz[k] for k in npz.files}
+        except (zipfile.BadZipFile, KeyError, ValueError) as exc:
+            raise GovernanceError(f"not an audit shard's result: {exc}") from exc
+        raw = {
+            label: PairRaw([patch_from(p) for p in r["patches"]],
+                           arrays[f"clean{r['key']}"], arrays[f"corrupt{r['key']}"],
+                           arrays[f"patched{r['key']}"], r["prompts"])
+            for label, r in head["raw"].items()
+        }
+        return cls(
+            Shard(*head["shard"]), head["positions"], [_pair_from(p) for p in head["pairs"]],
+            raw, {p: arrays[f"logits{i}"] for i, p in enumerate(head["personas"])},
+            {p: arrays[f"mass{i}"] for i, p in enumerate(head["masses"])},
+            arrays["answers"], head["meta"],
+            {k: ScreenChoice.from_json(c) for k, c in head.get("screen", {}).items()},
+        )
+
+
+def _pair_json(pair: PersonaPair) -> list[str]:
+    return [pair.clean.phrase, pair.clean.category, pair.corrupt.phrase, pair.corrupt.category,
+            pair.category, pair.kind]
+
+
+def _pair_from(row: Sequence[str]) -> PersonaPair:
+    return PersonaPair(Persona(row[0], row[1]), Persona(row[2], row[3]), row[4], row[5])
+
+
+# -- the shard's model runs ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScreenChoice:
+    """The AtP screen of one pair over all questions: its estimate of every patch of the
+    sweep and the patches it keeps for exact patching."""
+
+    patches: list[Any]  # Patch: the spec's whole sweep
+    estimate: np.ndarray  # (len(patches),)
+    chosen: list[Any]  # Patch: the top k of each sweep
+
+    def to_json(self) -> dict[str, Any]:
+        return {"patches": [patch_json(p) for p in self.patches],
+                "estimate": [float(x) for x in self.estimate],
+                "chosen": [patch_json(p) for p in self.chosen]}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> ScreenChoice:
+        return cls([patch_from(p) for p in data["patches"]],
+                   np.asarray(data["estimate"], dtype=np.float64),
+                   [patch_from(p) for p in data["chosen"]])
+
+
+def patch_json(p: Any) -> list[Any]:
+    """A patch as plain data: [component, layer, positions, head]."""
+    return [p.component, p.layer, p.positions, p.head]
+
+
+def patch_from(row: Sequence[Any]) -> Any:
+    """The patch `patch_json` wrote."""
+    from governance.patching.engine import Patch
+
+    return Patch(row[0], int(row[1]), row[2], None if row[3] is None else int(row[3]))
+
+
+def screen_pairs(model: Any, spec: AuditSpec, *, inputs: Inputs | None = None,
+                 device: str | None = None, dtype: str | None = None
+                 ) -> dict[str, ScreenChoice]:
+    """The AtP screen of every aligned pair over all of `spec`'s questions: run once, then
+    every shard patches `{label: choice.chosen}` exactly."""
+    from governance.audit.screen import atp_estimates, top_k
+
+    inputs = inputs or prepare(spec)
+    loaded, builder, patches = _setup(model, spec, inputs, device, dtype)
+    aligned, _ = _align(builder, inputs.pairs, inputs.questions, spec)
+    out = {}
+    for pair, prompts in aligned.items():
+        estimate = atp_estimates(loaded, prompts, patches, builder.option_ids())
+        out[pair.label] = ScreenChoice(patches, estimate,
+                                       top_k(patches, estimate, spec.exact_top_k))
+    return out
+
+
+def run_shard(
+    model: Any,
+    spec: AuditSpec,
+    shard: Shard = Shard(),
+    *,
+    chosen: Mapping[str, list[Any]] | None = None,
+    inputs: Inputs | None = None,
+    questions: list | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    chunk_rows: int | None = None,
+    progress: bool = True,
+) -> AuditPartial:
+    """Audit the questions of `shard` and return their raw numbers (`merge` builds the
+    tables). `chosen[pair label]` lists the patches to run exactly for that pair (from
+    `screen_pairs`, or a plan); without it every patch of the spec's sweeps runs. With
+    `screen: atp` and more than one shard, `chosen` is required: a screen on part of the
+    questions would pick different patches in every shard."""
+    from governance.audit.run import _one_ahead, _progress, _versions
+    from governance.patching.engine import PatchingEngine
+
+    t0 = time.perf_counter()
+    inputs = inputs or prepare(spec, questions)
+    positions = shard.positions(len(inputs.questions))
+    if spec.screen == "atp" and chosen is None:
+        if shard.count > 1:
+            raise ConfigError("with screen: atp the screen runs once over all questions: pass "
+                              "`chosen` from screen_pairs(model, spec) to every shard")
+    loaded, builder, patches = _setup(model, spec, inputs, device, dtype)
+    own_screen: dict[str, ScreenChoice] = {}
+    if spec.screen == "atp" and chosen is None:
+        own_screen = screen_pairs(loaded, spec, inputs=inputs)
+        chosen = {k: c.chosen for k, c in own_screen.items()}
+    qs = [inputs.questions[i] for i in positions]
+    option_ids = builder.option_ids()
+    aligned, skipped = _align(builder, inputs.pairs, qs, spec)
+    missing = [p.label for p in aligned if chosen is not None and p.label not in chosen]
+    if missing:
+        raise ConfigError(f"`chosen` names no patches for the pairs {missing}; it has "
+                          f"{sorted(chosen or {})}")
+    answers = np.array([q.answer_index for q in qs])
+
+    engine = PatchingEngine(loaded.model, loaded.anatomy, chunk_rows=chunk_rows)
+    bar = _progress(len(aligned) * len(qs), f"patching shard {shard.label}", progress)
+    raw: dict[str, PairRaw] = {}
+    for pair, prompts in aligned.items():
+        mine = list(patches if chosen is None else chosen[pair.label])
+        clean, corrupt, patched = [], [], []
+        queued = (engine.run(ap.clean_ids, ap.corrupt_ids, ap.identity, mine, option_ids)
+                  for ap in prompts)
+        for run in _one_ahead(queued):
+            clean.append(run.clean.cpu().numpy())
+            corrupt.append(run.corrupt.cpu().numpy())
+            patched.append(run.patched.cpu().numpy())
+            bar.update(1)
+        records = [_prompt_record(pair, ap, option_ids, int(answers[j]))
+                   for j, ap in enumerate(prompts)]
+        raw[pair.label] = PairRaw(mine, np.stack(clean), np.stack(corrupt),
+                                  np.stack(patched, axis=1), records)
+    bar.close()
+    t1 = time.perf_counter()
+    logits, masses = _persona_rows(loaded, builder, inputs, qs, spec, progress)
+    meta = {
+        "spec": spec.model_dump(mode="json"),
+        "spec_sha256": spec_hash(spec, inputs.catalogue, inputs.questions_sha256),
+        "catalogue": inputs.catalogue.to_dict(),
+        "questions_sha256": inputs.questions_sha256,
+        "question_ids": [q.id for q in inputs.questions],
+        "model": loaded.identity,
+        "option_token_ids": list(option_ids),
+        "option_tokens": [loaded.tokenizer.decode([i]) for i in option_ids],
+        "uses_chat_template": builder.uses_chat_template,
+        "n_patches_per_prompt": len(patches),
+        "skipped_pairs": skipped,
+        "versions": _versions(),
+        "timings_s": {"patching": t1 - t0, "behaviour_attention": time.perf_counter() - t1},
+        "run": {"chunk_rows": chunk_rows, "fused_layers": engine.fused is not None,
+                "compiled_kernels": engine.fused is not None and engine.fused.compiled},
+    }
+    return AuditPartial(shard, positions, [p for p in inputs.pairs if p in aligned], raw,
+                        logits, masses, answers, meta, own_screen)
+
+
+def _setup(model, spec, inputs, device, dtype):
+    """The loaded model, the prompt builder and every patch of the spec's sweeps."""
+    from governance.inputs.prompts import PromptBuilder, PromptFormat
+    from governance.models.loading import LoadedModel, load_model
+    from governance.patching.engine import sweep
+
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device,
+                                                                      dtype=dtype)
+    fmt = PromptFormat(inputs.catalogue.instruction(spec.instruction), spec.answer_prefix,
+                       spec.alignment, spec.alignment_filler)
+    builder = PromptBuilder(loaded.tokenizer, fmt)
+    try:
+        patches = sweep(loaded.anatomy, spec.sweeps, spec.layers)
+    except ValueError as exc:
+        raise ConfigError(f"spec layers: {exc}") from exc
+    return loaded, builder, patches
+
+
+def _align(builder, pairs, qs, spec):
+    """Aligned prompts per pair, as `run_audit` builds them (refused pairs skipped)."""
+    aligned: dict[PersonaPair, list] = {}
+    skipped: list[dict[str, str]] = []
+    for pair in pairs:
+        try:
+            aligned[pair] = [builder.pair(pair.clean.phrase, pair.corrupt.phrase, q) for q in qs]
+        except PromptError as exc:
+            if spec.alignment == "refuse" and "differ in token length" in str(exc):
+                skipped.append({"pair": pair.label, "reason": str(exc)})
+                continue
+            raise
+    if not aligned:
+        raise PromptError("no persona pair could be aligned; see the reasons above: "
+                          + "; ".join(s["reason"] for s in skipped))
+    return aligned, skipped
+
+
+def _prompt_record(pair, ap, option_ids, answer: int) -> dict[str, Any]:
+    return {
+        "question_id": ap.question_id, "clean_persona": pair.clean.phrase,
+        "corrupt_persona": pair.corrupt.phrase, "category": pair.category,
+        "clean_ids": list(ap.clean_ids), "corrupt_ids": list(ap.corrupt_ids),
+        "identity_positions": list(ap.identity), "padded": ap.padded, "n_filler": ap.n_filler,
+        "option_ids": list(option_ids), "answer_index": answer,
+    }
+
+
+def _persona_rows(loaded, builder, inputs, qs, spec, progress):
+    """Each persona's own prompt (and the no-persona prompt) on the shard's questions:
+    option logits (q, option) and, if asked, identity mass per question (q, layer, head)."""
+    import torch
+
+    from governance.audit.run import _progress
+    from governance.audit.spec import involved_personas
+    from governance.patching.attention import eager_attention, forward_with_attention
+    from governance.patching.sites import last_logits
+
+    personas = involved_personas(inputs.pairs, inputs.catalogue)
+    option_ids = list(builder.option_ids())
+    logits: dict[str, np.ndarray] = {}
+    masses: dict[str, np.ndarray] = {}
+    bar = _progress((len(personas) + 1) * len(qs), "personas", progress)
+    with eager_attention(loaded.model) if spec.attention else nullcontext():
+        for persona in [NO_PERSONA, *personas]:
+            rows, mass_rows = [], []
+            for q in qs:
+                prompt = builder.encode(None if persona == NO_PERSONA else persona, q)
+                if spec.attention and persona != NO_PERSONA:
+                    out, mass = forward_with_attention(loaded.model, prompt.ids, prompt.identity)
+                    mass_rows.append(mass)
+                else:
+                    with torch.inference_mode():
+                        ids = torch.tensor([list(prompt.ids)], device=loaded.device)
+                        out = last_logits(loaded.model, ids)[0].float()
+                rows.append(out[option_ids].cpu().numpy())
+                bar.update(1)
+            logits[persona] = np.stack(rows)
+            if mass_rows:
+                masses[persona] = np.stack(mass_rows)
+    bar.close()
+    return logits, masses
+
+
+# -- the merge ------------------------------------------------------------------------------
+
+
+def merge(partials: Sequence[AuditPartial],
+          screen: Mapping[str, ScreenChoice] | None = None) -> AuditResult:
+    """The audit of all shards' questions, as one `run_audit` would have produced it.
+    `screen` (from `screen_pairs`) adds the screen table and its agreement. Refuses shards
+    that do not belong together (another spec, model or patch set, a missing or repeated
+    shard)."""
+    from governance.audit.screen import screen_agreement, screen_rows, screen_table
+    from governance.audit.tables import (
+        PairScores,
+        attention_frame,
+        behaviour_table,
+        empty_attention,
+        floor_statement,
+        pair_table,
+        score_table,
+    )
+
+    parts = _check(partials)
+    first = parts[0]
+    meta0 = first.meta
+    n = len(meta0["question_ids"])
+    order = np.argsort(np.concatenate([p.positions for p in parts]), kind="stable")
+    spec = AuditSpec.model_validate(meta0["spec"])
+    catalogue = PersonaCatalogue.model_validate(meta0["catalogue"])
+    pairs = first.pairs
+
+    def joined(arrays: list[np.ndarray], axis: int = 0) -> np.ndarray:
+        return np.take(np.concatenate(arrays, axis=axis), order, axis=axis)
+
+    runs: dict[PersonaPair, PairScores] = {}
+    aligned: dict[PersonaPair, list] = {}
+    prompts: list[dict[str, Any]] = []
+    for pair in pairs:
+        raws = [p.raw[pair.label] for p in parts]
+        runs[pair] = PairScores(raws[0].patches, joined([r.patched for r in raws], axis=1),
+                                joined([r.clean for r in raws]), joined([r.corrupt for r in raws]))
+        records = [rec for r in raws for rec in r.prompts]
+        records = [records[i] for i in order]
+        prompts += records
+        aligned[pair] = [_Aligned(records[0]["padded"], records[0]["n_filler"])]
+    answers = joined([p.answers for p in parts])
+    logits = {k: joined([p.persona_logits[k] for p in parts]) for k in first.persona_logits}
+    masses = {}
+    for persona in first.masses:
+        per_question = joined([p.masses[persona] for p in parts])
+        acc = per_question[0]
+        for m in per_question[1:]:  # the order and float arithmetic of run_audit's sum
+            acc = acc + m
+        masses[persona] = acc / n
+
+    scores = score_table(runs, spec)
+    screens = []
+    screen = screen or first.screen
+    if screen:
+        screens = [screen_rows(pair, screen[pair.label].patches, screen[pair.label].estimate)
+                   for pair in pairs]
+    screen_frame = screen_table(screens, scores)
+    behaviour = behaviour_table(logits, answers, catalogue, pairs)
+    pairs_frame = pair_table(aligned, runs, logits, answers)
+    attention = attention_frame(masses, catalogue, pairs) if masses else empty_attention()
+
+    timings = {k: sum(p.meta["timings_s"].get(k, 0.0) for p in parts)
+               for k in ("patching", "behaviour_attention")}
+    meta = {k: meta0[k] for k in ("spec", "spec_sha256", "catalogue", "questions_sha256",
+                                  "question_ids", "model", "option_token_ids", "option_tokens",
+                                  "uses_chat_template", "n_patches_per_prompt",
+                                  "skipped_pairs", "versions")}
+    meta["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+    meta["completed_at"] = pd.Timestamp.now(tz="UTC").isoformat()
+    meta["run"] = {**meta0["run"], "shards": first.shard.count}
+    meta["noise_floor"] = floor_statement(pairs_frame)
+    if not screen_frame.empty:
+        meta["screen_agreement"] = screen_agreement(screen_frame)
+    return AuditResult(scores, attention, behaviour, pairs_frame, meta, prompts, screen_frame)
+
+
+@dataclass(frozen=True)
+class _Aligned:
+    """What `pair_table` reads of a pair's first aligned prompt."""
+
+    padded: str | None
+    n_filler: int
+
+
+def _check(partials: Sequence[AuditPartial]) -> list[AuditPartial]:
+    """The shards sorted by index, after checking they are the parts of one audit."""
+    if not partials:
+        raise GovernanceError("merge needs at least one shard's result")
+    parts = sorted(partials, key=lambda p: p.shard.index)
+    first = parts[0]
+    count = first.shard.count
+    indices = [p.shard.index for p in parts]
+    if any(p.shard.count != count for p in parts) or indices != list(range(count)):
+        raise GovernanceError(f"shards {[p.shard.label for p in parts]} are not each of "
+                              f"{count} shards exactly once")
+    for p in parts[1:]:
+        for key in ("spec_sha256", "question_ids", "option_token_ids"):
+            if p.meta[key] != first.meta[key]:
+                raise GovernanceError(f"shard {p.shard.label} differs from shard "
+                                      f"{first.shard.label} in {key}: not parts of one audit")
+        if (p.meta["model"].get("weights_fingerprint")
+                != first.meta["model"].get("weights_fingerprint")):
+            raise GovernanceError(f"shard {p.shard.label} audited other weights than shard "
+                                  f"{first.shard.label}")
+        if [q.label for q in p.pairs] != [q.label for q in first.pairs]:
+            raise GovernanceError(f"shard {p.shard.label} audited other pairs")
+        for label, r in p.raw.items():
+            if r.patches != first.raw[label].patches:
+                raise GovernanceError(f"shard {p.shard.label} patched other components for "
+                                      f"{label}: every shard needs the same `chosen` patches")
+    covered = sorted(i for p in parts for i in p.positions)
+    if covered != list(range(len(first.meta["question_ids"]))):
+        raise GovernanceError("the shards do not cover every question exactly once")
+    return parts
