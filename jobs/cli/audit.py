@@ -10,6 +10,7 @@ import argparse
 import logging
 
 from governance.files import check_replaceable
+from governance.numbers import fmt, fmt_interval
 
 log = logging.getLogger("governance")
 
@@ -109,20 +110,21 @@ def summarise(result) -> str:
     b = result.behaviour
     lines.append("\naccuracy per persona (95% CI):")
     for r in b.itertuples():
-        lines.append(f"  {r.persona:<32} {r.accuracy:6.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]  "
-                     f"flip vs none {r.flip_rate:.3f}")
+        lines.append(f"  {r.persona:<32} {fmt_interval(r.accuracy, r.ci_low, r.ci_high):<20} "
+                     f"flip vs none {fmt(r.flip_rate)}")
     curves = result.layer_curves()
     if not curves.empty:
         lines.append("\nstrongest layer per component (mean restoration score over pairs):")
         best = curves.loc[curves.groupby(["component", "positions"])["score"].idxmax()]
         for r in best.itertuples():
             lines.append(f"  {r.component + ':' + r.positions:<20} layer {r.layer:>3}  "
-                         f"score {r.score:+.3f}  ({r.category})")
+                         f"score {fmt(r.score, signed=True)}  ({r.category})")
     for positions in ("all", "last"):
         heads = result.top_heads(5, positions)
         if not heads.empty:
             lines.append(f"\ntop heads (positions={positions}):")
             for r in heads.itertuples():
-                lines.append(f"  L{r.layer}.H{r.head:<3} {r.category:<12} score {r.score:+.3f}")
+                lines.append(f"  L{r.layer}.H{r.head:<3} {r.category:<12} score "
+                             f"{fmt(r.score, signed=True)}")
     lines.append("\n" + result.meta.get("noise_floor", ""))
     return "\n".join(lines)
