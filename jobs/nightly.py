@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from governance.errors import GovernanceError
 from governance.redaction import redact
+from jobs import console
 from jobs.baseline import resolve_baseline
 from jobs.cli.exits import EXIT_INCOMPLETE, EXIT_OK
 from jobs.config import NightlyConfig, load_config
@@ -508,7 +509,8 @@ def _run_audit(ctx: _Context, target: Target, work: Path) -> AuditResult:
             tracking_uri=ctx.config.tracking_uri, registry_uri=ctx.config.registry_uri,
             device=opts.device, dtype=opts.dtype, chunk_rows=opts.chunk_rows,
             torch_threads=opts.torch_threads, trust_remote_code=trusted, allow_pickle=trusted,
-            registered_name=target.name, registered_version=target.version)
+            registered_name=target.name, registered_version=target.version,
+            console=console.settings())
         result = audit_in_child(job, timeout_s=opts.timeout_s, work_dir=work / "child")
     else:
         with mlflow_uris(ctx.config):

@@ -100,8 +100,24 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     out = result.save(args.out)
     print(summarise(result))
     print(f"\nwrote {out}/ (scores.csv, attention.csv, behaviour.csv, pairs.csv, audit.json, "
-          "prompts.jsonl)")
+          "prompts.jsonl)\n")
+    print(verdict_table(result, out, args.model))
     return 0
+
+
+def verdict_table(result, out, model: str) -> str:
+    """The end table: the audit judged by the packaged default policy, for a first look
+    (the exit code stays 0; `persona-gov policy evaluate` judges it with an exit code)."""
+    from governance.judge.policy import DEFAULT_POLICY_PATH, evaluate, load_policy
+    from jobs.summary_table import Row, first_finding, render
+
+    policy = load_policy(DEFAULT_POLICY_PATH)
+    verdict = evaluate(policy, result)
+    rule, evidence = first_finding(verdict.findings)
+    return render([Row(
+        model, verdict.status, f"{policy.name} {verdict.policy['sha256'][:12]}", rule, evidence,
+        next=f"persona-gov policy evaluate --audit {out} [--baseline DIR] [--policy FILE]",
+        note="under the default policy, without a baseline (drift rules not checked)")])
 
 
 def summarise(result) -> str:
