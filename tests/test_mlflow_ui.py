@@ -54,7 +54,7 @@ def test_version_page_and_report_read_well_in_the_mlflow_ui(tiny_audit, tmp_path
     args = ["--backend-store-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
             "--default-artifact-root", str(tmp_path / "artifacts")]
     devtools = None
-    with mlflow_server(tmp_path, args, clean_env(), wait_s=90) as url:
+    with mlflow_server(tmp_path, args, clean_env(), wait_s=180) as url:
         from mlflow import MlflowClient
 
         client = MlflowClient(url)
