@@ -14,11 +14,12 @@ are said once per run, also when each audit child reads the same file again.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -144,19 +145,22 @@ def is_verbose() -> bool:
     return bool(_settings and _settings["verbose"])
 
 
-@contextmanager
-def quiet_mlflow_prints() -> Iterator[None]:
-    """MLflow's own prints ("Successfully registered model ...", "Created version ...")
-    left out for the block, unless `-v`: the caller says what it registers itself."""
-    from mlflow.utils import logging_utils
-
-    stream = logging_utils.MLFLOW_LOGGING_STREAM
-    was = stream.enabled
-    stream.enabled = was and is_verbose()
-    try:
+@contextlib.contextmanager
+def quiet_prints(what: str) -> Iterator[None]:
+    """What libraries print to stderr themselves during the block (MLflow's "Successfully
+    registered model ...", "Created version ...") kept out of the terminal unless `-v`; the
+    caller says what it does itself. The text is logged at debug level, named by `what`.
+    Our own log records still reach the terminal: their handler holds the real stream."""
+    if is_verbose():
         yield
+        return
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buffer):
+            yield
     finally:
-        stream.enabled = was
+        if buffer.getvalue().strip():
+            logging.getLogger(__name__).debug("%s printed: %s", what, buffer.getvalue().strip())
 
 
 def settings() -> dict[str, Any] | None:

@@ -76,9 +76,9 @@ class Plant:
 def _log_version(client, loaded, experiment_id: str, tags: dict[str, str]) -> str:
     import mlflow
 
-    from jobs.console import quiet_mlflow_prints
+    from jobs.console import quiet_prints
 
-    with quiet_mlflow_prints(), mlflow.start_run(experiment_id=experiment_id,
+    with quiet_prints("MLflow"), mlflow.start_run(experiment_id=experiment_id,
                                                  run_name=f"{DEMO_MODEL}-register"):
         info = mlflow.transformers.log_model(
             transformers_model={"model": loaded.model, "tokenizer": loaded.tokenizer},

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 SAY = """
 import json, logging, os, sys, warnings
-from jobs.console import configure, configure_child, settings
+from jobs.console import configure, configure_child, quiet_prints, settings
 parent = json.loads(sys.argv[2]) if len(sys.argv) > 2 else None
 if parent is not None:
     configure_child(parent)
@@ -28,6 +28,9 @@ for _ in range(3):
 logging.getLogger("governance.inputs.questions").warning("other.jsonl: skipped 1 row")
 warnings.warn("`generation_config` default values have been modified", UserWarning)
 logging.getLogger("jobs.nightly").info("auditing persona-demo v1")
+with quiet_prints("MLflow"):
+    print("Successfully registered model 'persona-demo'.", file=sys.stderr)
+    logging.getLogger("jobs.demo").warning("registering inside the block")
 print(os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"),
       os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS"))
 print(json.dumps(settings()))
@@ -51,6 +54,8 @@ def test_expected_third_party_warnings_are_left_out(default):
     assert "generation_config" not in err  # a Python warning, routed through logging
     assert "database is locked: retrying" in err  # a third-party warning that matters stays
     assert "INFO jobs.nightly: auditing persona-demo v1" in err
+    assert "Successfully registered model" not in err  # a library's own print
+    assert "registering inside the block" in err  # our records still reach the terminal
     bars = default.stdout.splitlines()[0]
     assert bars == "false 1"  # MLflow's artifact bars and the hub's/transformers' bars off
 
@@ -66,6 +71,7 @@ def test_verbose_shows_everything():
     assert "model card could not be retrieved" in got.stderr
     assert "license information" in got.stderr and "generation_config" in got.stderr
     assert got.stderr.count("stray header row(s)") == 3
+    assert "Successfully registered model 'persona-demo'." in got.stderr
     assert got.stdout.splitlines()[0] == "None None"  # libraries keep their progress bars
 
 
