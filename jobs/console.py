@@ -130,9 +130,11 @@ def configure(verbose: bool = False, as_json: bool = False,
         logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                             handlers=[handler])
         logging.captureWarnings(True)  # Python warnings as records, under the same filters
-    for noisy in ("urllib3", "filelock", "httpx", "great_expectations", "alembic", "mlflow",
-                  "sqlalchemy", "matplotlib", "PIL", "huggingface_hub", "transformers"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    for noisy in ("urllib3", "filelock", "httpx", "great_expectations", "alembic",
+                  "sqlalchemy", "matplotlib", "PIL", "mlflow.system_metrics", "mlflow.store"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)  # their debug records say little
+    for library in ("mlflow", "transformers", "huggingface_hub"):
+        logging.getLogger(library).setLevel(logging.INFO if verbose else logging.WARNING)
     from governance.redaction import install_redaction
 
     install_redaction()
