@@ -87,8 +87,8 @@ def first_from_summary(summary: str) -> tuple[str, str]:
 
 
 def render(rows: list[Row], width: int | None = None) -> str:
-    """The rows as an aligned table; under each row its evidence, note and next step,
-    wrapped to the terminal's width (at most 120 columns)."""
+    """The rows as an aligned table; under each row its note and evidence, wrapped to the
+    terminal's width (at most 120 columns), and its next step on one line."""
     if not rows:
         return "(no versions)"
     width = width or min(shutil.get_terminal_size((100, 24)).columns, 120)
@@ -105,12 +105,13 @@ def render(rows: list[Row], width: int | None = None) -> str:
     out = [line(header)]
     for row, values in zip(rows, cells, strict=True):
         out.append(line(values))
-        for label, text in (("note", row.note), ("evidence", row.evidence),
-                            ("next", row.next)):
+        for label, text in (("note", row.note), ("evidence", row.evidence)):
             if text:
                 out += textwrap.wrap(f"{label}: {text}", width=width, initial_indent="  ",
                                      subsequent_indent="    ", max_lines=3,
                                      break_on_hyphens=False, break_long_words=False)
+        if row.next:  # a path or URL: one line, never cut, so that it can be copied whole
+            out.append(f"  next: {row.next}")
     return "\n".join(out)
 
 
