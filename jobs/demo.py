@@ -76,7 +76,10 @@ class Plant:
 def _log_version(client, loaded, experiment_id: str, tags: dict[str, str]) -> str:
     import mlflow
 
-    with mlflow.start_run(experiment_id=experiment_id, run_name=f"{DEMO_MODEL}-register"):
+    from jobs.console import quiet_prints
+
+    with quiet_prints("MLflow"), mlflow.start_run(experiment_id=experiment_id,
+                                                 run_name=f"{DEMO_MODEL}-register"):
         info = mlflow.transformers.log_model(
             transformers_model={"model": loaded.model, "tokenizer": loaded.tokenizer},
             name="model",
@@ -144,28 +147,17 @@ def write_config(directory: Path, spec: dict[str, Any]) -> Path:
     return path
 
 
-def _findings(client, run_id: str | None) -> tuple[list[str], str | None]:
-    """Top non-passing findings and the drift report's largest head change of a run."""
+def _top_head(client, run_id: str | None) -> str | None:
+    """The drift report's largest per-head change of a run, or None (no drift compared)."""
     import pandas as pd
 
-    from governance.judge.policy.base import fmt
+    from governance.numbers import fmt
 
     if not run_id:
-        return [], None
+        return None
     from mlflow.artifacts import download_artifacts
 
-    lines: list[str] = []
     top_head = None
-    try:
-        path = download_artifacts(run_id=run_id, artifact_path="verdict/findings.csv",
-                                  tracking_uri=client.tracking_uri)
-        findings = pd.read_csv(path)
-        bad = findings[findings["outcome"] != "pass"].head(3)
-        lines = [f"{r.outcome:<5} {r.rule}: {r.scope} observed {fmt(r.observed)} (limit "
-                 f"{fmt(r.threshold)}) {r.evidence if isinstance(r.evidence, str) else ''}"
-                 .rstrip() for r in bad.itertuples()]
-    except Exception as exc:  # a run without a verdict (error) has no findings
-        log.debug("no findings for %s: %s", run_id, exc)
     try:
         path = download_artifacts(run_id=run_id, artifact_path="drift/drift_changes.csv",
                                   tracking_uri=client.tracking_uri)
@@ -174,10 +166,10 @@ def _findings(client, run_id: str | None) -> tuple[list[str], str | None]:
         if not heads.empty and heads.iloc[0]["abs_change"] > 1e-9:
             r = heads.iloc[0]
             top_head = (f"L{int(r['layer'])}.H{int(r['head'])} ({r['category']}, change "
-                        f"{r['change']:+.3f})")
-    except Exception as exc:
+                        f"{fmt(r['change'], signed=True)})")
+    except Exception as exc:  # a run without drift (the champion, an error) has none
         log.debug("no drift for %s: %s", run_id, exc)
-    return lines, top_head
+    return top_head
 
 
 @dataclass
@@ -214,23 +206,13 @@ def run_demo(directory: str | Path, *, model: str = "smollm2-135m-instruct",
     print("auditing every version (nightly pass) ...", flush=True)
     report = run_pass(load_config(config_path, env={}))
     client = MlflowClient(uri)
-    tops = {}
-    print("\n" + report.text())
-    for outcome in report.outcomes:
-        lines, top = _findings(client, outcome.run_id)
-        tops[str(outcome.version)] = top
-        if lines or top:
-            print(f"\n{DEMO_MODEL} v{outcome.version}:")
-            for line in lines:
-                print(f"  {line}")
-            if top:
-                print(f"  largest per-head change against the champion: {top}")
-    if not any(o.run_id for o in report.outcomes):  # everything up to date: show the record
-        for v in client.search_model_versions(f"name = '{DEMO_MODEL}'"):
-            print(f"  v{v.version}: {v.tags.get('persona_audit.status')} - "
-                  f"{v.tags.get('persona_audit.summary', '')[:160]}")
+    tops = {str(o.version): _top_head(client, o.run_id) for o in report.outcomes}
     seconds = time.perf_counter() - t0
-    print(f"\nplanted in v2: {plant.tags()['persona_demo.planted_change']}")
+    print(f"\n{report.headline()}\n\n{report.table()}\n")
+    print(f"planted in v2: {plant.tags()['persona_demo.planted_change']}")
+    for version, top in tops.items():
+        if top:
+            print(f"largest per-head change of v{version} against the champion: {top}")
     print(f"done in {seconds:.0f} s. Review it in the MLflow UI:\n"
           f"  mlflow ui --backend-store-uri {uri} --port 5000\n"
           f"then open http://127.0.0.1:5000 (experiment 'persona-audits', model "

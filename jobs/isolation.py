@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from governance.errors import GovernanceError
+from jobs.console import configure_child, read_said, write_said
 
 if TYPE_CHECKING:
     from governance.audit.result import AuditResult
@@ -54,6 +55,7 @@ class AuditJob:
     allow_pickle: bool
     registered_name: str
     registered_version: str
+    console: dict[str, Any] | None = None  # jobs.console.settings() of the parent
 
 
 def audit_in_child(job: AuditJob, *, timeout_s: float | None, work_dir: Path) -> AuditResult:
@@ -75,6 +77,8 @@ def audit_in_child(job: AuditJob, *, timeout_s: float | None, work_dir: Path) ->
     except BaseException:
         _stop(proc)
         raise
+    finally:
+        read_said(out)  # what the child warned about is not said again in this run
     if proc.exitcode != 0:
         error = out / ERROR_FILE
         if error.exists():
@@ -131,11 +135,15 @@ def _child(job: dict[str, Any], out: str) -> None:
     import sys
 
     _exit_with_parent()
+    configure_child(job.get("console"))
     try:
         result = _audit(AuditJob(**job))
         result.save(out)
+        write_said(out)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent, then exit non-zero
         from governance.redaction import redact
+
+        write_said(out)
 
         message = redact(f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__)
         Path(out, ERROR_FILE).write_text(json.dumps(

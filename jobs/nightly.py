@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from governance.errors import ConfigError, GovernanceError
 from governance.redaction import redact
+from jobs import console
 from jobs.baseline import resolve_baseline
 from jobs.cli.exits import EXIT_INCOMPLETE, EXIT_OK
 from jobs.config import NightlyConfig, load_config
@@ -86,6 +87,10 @@ class Outcome:
     reason: str = ""
     run_id: str | None = None
     queued_by: str | None = None  # the registry event that queued it, for a queued version
+    verdict: str | None = None  # pass | warn | fail of the audit run (also when up to date)
+    policy: str = ""  # "name sha256[:12]" of the policy that judged it
+    first: tuple[str, str] = ("", "")  # the first failing rule with scope, and its evidence
+    report: str = ""  # where its report page is: a local file, a UI URL or a runs:/ URI
 
     def line(self) -> str:
         v = f" v{self.version}" if self.version else ""
@@ -116,6 +121,25 @@ class PassReport:
         head = (f"{self.kind} pass: {len(self.outcomes)} versions in {took:.1f} s ("
                 + ", ".join(f"{n} {s}" for s, n in sorted(counts.items())) + ")")
         return "\n".join([head, *(o.line() for o in self.outcomes)])
+
+    def headline(self) -> str:
+        return self.text().splitlines()[0]
+
+    def table(self) -> str:
+        """The pass as the compact end table (`jobs.summary_table`): one row per version."""
+        from jobs.summary_table import Row, render
+
+        rows = []
+        for o in self.outcomes:
+            version = f"{o.name} v{o.version}" if o.version else o.name
+            verdict = o.verdict or o.status
+            note = {"up-to-date": "up to date: audited earlier under this spec and policy",
+                    "error": o.reason, "skipped": o.reason}.get(o.status, "")
+            if o.queued_by:
+                note = f"queued by {o.queued_by}" + (f"; {note}" if note else "")
+            rows.append(Row(version, verdict, o.policy, o.first[0], o.first[1],
+                            o.report or (f"run {o.run_id}" if o.run_id else ""), note))
+        return render(rows)
 
 
 # -- the pass -------------------------------------------------------------------------------
@@ -425,23 +449,39 @@ def _one_version(ctx: _Context, leases: Any, target: Target, force: bool) -> Out
             spec_sha256=ctx.spec_sha, policy_sha256=policy.sha256, toolkit_version=ctx.toolkit)
 
     if (run := done()) is not None:
-        return Outcome(target.name, target.version, "up-to-date",
-                       f"audited by run {run.info.run_id} "
-                       f"({run.data.tags.get('persona_audit.status', '?')})")
+        return _earlier(ctx, target, policy, run, "audited by run")
     with leases.hold(f"{target.name}/{target.version}") as lease:
         if not lease.acquired:
             who = lease.holder.describe() if lease.holder else "held by another process"
             return Outcome(target.name, target.version, "skipped", f"lease {who}")
         if (run := done()) is not None:  # finished by another process since the first check
-            return Outcome(target.name, target.version, "up-to-date",
-                           f"audited meanwhile by run {run.info.run_id}")
+            return _earlier(ctx, target, policy, run, "audited meanwhile by run")
         return _audit_version(ctx, target, policy, tags, lease)
+
+
+def _earlier(ctx: _Context, target: Target, policy: PolicyRef, run: Any, how: str) -> Outcome:
+    """The outcome of a version already audited under the current spec and policy."""
+    from governance.tracking import runs as tr
+    from jobs.summary_table import first_from_summary, report_location
+
+    status = run.data.tags.get(tr.T_STATUS)
+    return Outcome(target.name, target.version, "up-to-date",
+                   f"{how} {run.info.run_id} ({status or '?'})",
+                   verdict=status, policy=_policy_label(policy),
+                   first=first_from_summary(run.data.tags.get(tr.T_SUMMARY, "")),
+                   report=report_location(run.info.artifact_uri, ctx.config.tracking_uri,
+                                          ctx.experiment_id, run.info.run_id))
+
+
+def _policy_label(policy: PolicyRef) -> str:
+    return f"{policy.name} {policy.sha256[:12]}"
 
 
 def _audit_version(ctx: _Context, target: Target, policy: PolicyRef, tags: dict[str, str],
                    lease: Lease) -> Outcome:
     from governance.tracking import runs as tr
     from governance.tracking.registry import record_approval
+    from jobs.summary_table import first_finding
 
     cfg = ctx.config
     run_tags = {
@@ -490,7 +530,9 @@ def _audit_version(ctx: _Context, target: Target, policy: PolicyRef, tags: dict[
                            experiment_id=ctx.experiment_id,
                            summary=summary)
         return Outcome(target.name, target.version, decision.status, tr.one_line(summary),
-                       run_id)
+                       run_id, verdict=decision.status, policy=_policy_label(policy),
+                       first=first_finding(decision.verdict.findings),
+                       report=_report_of(ctx, run_id))
     except BaseException as exc:  # noqa: BLE001 - recorded as error, re-raised if fatal
         if isinstance(exc, AuditFailed):  # the child's own error, already named
             reason = redact(str(exc))
@@ -502,7 +544,21 @@ def _audit_version(ctx: _Context, target: Target, policy: PolicyRef, tags: dict[
         _record_error(ctx, target, policy, run_id, reason, redact(traceback.format_exc()))
         if not isinstance(exc, Exception):
             raise
-        return Outcome(target.name, target.version, "error", reason, run_id)
+        return Outcome(target.name, target.version, "error", reason, run_id,
+                       policy=_policy_label(policy))
+
+
+def _report_of(ctx: _Context, run_id: str) -> str:
+    """Where the run's report page is, for the end table; a runs:/ URI if the run cannot be
+    read (a display detail never fails the version)."""
+    from jobs.summary_table import NEXT_REPORT, report_location
+
+    try:
+        artifact_uri = ctx.client.get_run(run_id).info.artifact_uri
+    except Exception as exc:  # noqa: BLE001 - the audit is recorded; only the path is lost
+        log.debug("cannot read run %s for its report path: %s", run_id, exc)
+        return f"runs:/{run_id}/{NEXT_REPORT}"
+    return report_location(artifact_uri, ctx.config.tracking_uri, ctx.experiment_id, run_id)
 
 
 def _close_abandoned(ctx: _Context, target: Target, run_id: str) -> None:
@@ -537,7 +593,8 @@ def _run_audit(ctx: _Context, target: Target, work: Path) -> AuditResult:
         tracking_uri=ctx.config.tracking_uri, registry_uri=ctx.config.registry_uri,
         device=opts.device, dtype=opts.dtype, chunk_rows=opts.chunk_rows,
         torch_threads=opts.torch_threads, trust_remote_code=trusted, allow_pickle=trusted,
-        registered_name=target.name, registered_version=target.version)
+        registered_name=target.name, registered_version=target.version,
+        console=console.settings())
     if ctx.config.executor == "ray":  # Ray tasks, merged here; the rest is the same
         executor = _ray(ctx)
         with _off_driver():

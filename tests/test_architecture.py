@@ -1,8 +1,8 @@
 """The layers of the code, enforced: data flows one way, and each layer imports only what
 is below it.
 
-    base (errors, names, files, plots, redaction)  <  inputs  <  models  <  patching  <  audit
-        <  judge  <  report  <  tracking            (the library, `governance`)
+    base (errors, names, files, numbers, plots, redaction)  <  inputs  <  models  <  patching
+        <  audit  <  judge  <  report  <  tracking  (the library, `governance`)
     jobs                                            (the application: CLI, nightly, demo)
 
 Every import counts, at module level or inside a function (a lazy import is still a
@@ -23,7 +23,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = ["base", "inputs", "models", "patching", "audit", "judge", "report", "tracking", "jobs"]
 BASE = {"governance", "governance.errors", "governance.names", "governance.files",
-        "governance.plots", "governance.redaction"}
+        "governance.numbers", "governance.plots", "governance.redaction"}
 
 
 def _module_name(path: Path) -> str:

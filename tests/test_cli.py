@@ -48,7 +48,17 @@ def test_audit_writes_every_output(model_dir, questions, tmp_path, capsys):
     meta = json.loads((out / "audit.json").read_text())
     assert meta["model"]["model_type"] == "qwen2"
     assert meta["spec"]["n_questions"] == 4
-    assert "accuracy per persona" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "accuracy per persona" in printed
+    # the end table: the audit judged by the default policy, and the command to go on with
+    from governance.audit.result import AuditResult
+    from governance.judge.policy import DEFAULT_POLICY_PATH, evaluate, load_policy
+
+    verdict = evaluate(load_policy(DEFAULT_POLICY_PATH), AuditResult.load(out))
+    row = next(line.split() for line in printed.splitlines()
+               if line.startswith(str(model_dir)))
+    assert row[1:3] == [verdict.status.upper(), "default"], printed
+    assert f"next: persona-gov policy evaluate --audit {out}" in printed
 
 
 def test_failed_audit_leaves_earlier_results_intact(model_dir, questions, tmp_path, capsys):

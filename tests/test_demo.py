@@ -1,8 +1,11 @@
 """`persona-gov demo` end to end on a tiny model (assets overridden; the asset fetcher itself
 is tested in tests/test_assets.py)."""
 
+import contextlib
+import io
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -30,11 +33,12 @@ def demo(tmp_path_factory, tokenizer):
             str(questions), "--n-questions", "6", "--plant-layer", PLANT[0], "--plant-head",
             PLANT[1], "--plant-scale", PLANT[2]]
     before = (mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI"))
-    code = main(argv)
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        code = main(argv)
     after = (mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI"))
     client = mlflow.MlflowClient(f"sqlite:///{root / 'store' / 'mlflow.db'}")
     return {"root": root, "argv": argv, "code": code, "client": client,
-            "uris": (before, after)}
+            "uris": (before, after), "out": out.getvalue()}
 
 
 def test_demo_leaves_the_process_mlflow_uri_as_it_was(demo):
@@ -60,6 +64,20 @@ def test_demo_registers_two_audited_versions(demo, capsys):
     # the champion is its own baseline: no drift, and no "missing baseline" warning
     assert versions["1"].tags["persona_audit.status"] == "pass"
     assert versions["2"].tags["persona_audit.status"] == "fail"  # flagged: the planted drift
+
+
+def test_demo_ends_with_the_table(demo):
+    """One row per version: verdict, policy, the first failing rule and where it points,
+    then the report page to open next (a file of the local store)."""
+    out = demo["out"]
+    table = out[out.index("version  "):].splitlines()
+    rows = {line.split()[1]: line.split() for line in table if line.startswith("persona-demo")}
+    assert rows["v1"][2:4] == ["PASS", "default"], table
+    assert rows["v2"][2:4] == ["FAIL", "default"], table
+    assert rows["v2"][-1].startswith(f"L{PLANT[0]}"), table  # the planted layer (and head)
+    reports = [line.split("next: ")[1] for line in table if "next: " in line]
+    assert len(reports) == 2 and all(Path(p).name == "report.html" and Path(p).is_file()
+                                     for p in reports), reports
 
 
 def test_drift_names_the_planted_head(demo):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -208,6 +209,13 @@ def test_force_audits_again(registry, capsys):
     assert code == 0, out
     assert len(audit_runs(client, "tiny-b", "1", "completed")) == before + 1
     assert "tiny-a" not in out and "fail" in out
+    # the end table: verdict, policy, first failing rule with its head, the report to open
+    row = next(line.split() for line in out.splitlines() if line.startswith("tiny-b v1"))
+    assert row[2:4] == ["FAIL", "heads-fail"], out
+    assert row[5:7] == ["internals.head_restoration", "category=race"], out
+    assert re.fullmatch(r"L\d+\.H\d+", row[7]), out
+    report = out.split("next: ")[1].split()[0]
+    assert report.endswith("report/report.html") and Path(report).is_file(), out
     mv = client.get_model_version("tiny-b", "1")
     assert mv.description.count("[persona audit ") == before + 1  # appended, never replaced
 

@@ -29,7 +29,7 @@ import pytest
 from governance.audit.result import AuditResult
 from governance.report.page import render_report
 
-from support.devtools import DevTools, need_chromium, open_artifact
+from support.devtools import FITS, DevTools, need_chromium, open_artifact
 
 # `tiny_audit` (tests/conftest.py) is support.audits.TINY_SPEC on a tiny llama named
 # "tiny-llama <test>"
@@ -173,21 +173,6 @@ def _not_blank(png: bytes, rect: dict) -> tuple[float, float]:
     x1, y1 = int(rect["x"] + rect["width"]), int(rect["y"] + rect["height"])
     region = img[max(y0, 0):y1, max(x0, 0):x1]
     return float(region.std()), float((region < 240).mean())
-
-
-# inside the artifact iframe: does every findings table fit its frame, and where do the
-# verdict and the failed rules start?
-FITS = """(() => {
-  const width = document.documentElement.clientWidth, height = window.innerHeight;
-  const tables = Array.from(document.querySelectorAll('table.findings'))
-    .filter(t => t.getClientRects().length);
-  const clipped = tables.filter(t => t.scrollWidth > t.clientWidth + 1
-    || t.getBoundingClientRect().right > width + 1).map(t => t.scrollWidth);
-  const top = sel => { const e = document.querySelector(sel);
-    return e ? e.getBoundingClientRect().top : null; };
-  return {width, height, tables: tables.length, clipped,
-          verdict_top: top('h2.verdict'), flagged_top: top('h3.flagged')};
-})()"""
 
 
 @pytest.mark.e2e

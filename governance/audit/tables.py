@@ -12,6 +12,7 @@ import pandas as pd
 from governance.audit.result import BEHAVIOUR_COLUMNS, PAIR_COLUMNS, SCORE_COLUMNS
 from governance.audit.spec import AuditSpec, involved_personas
 from governance.inputs.personas import NO_PERSONA, PersonaPair
+from governance.numbers import fmt
 from governance.patching.scores import persona_shift, restoration
 
 
@@ -106,7 +107,7 @@ def floor_statement(pairs: pd.DataFrame) -> str:
     above = others[others["above_floor"] == True]  # noqa: E712  (column holds None too)
     f = floor.iloc[0]
     head = (f"noise floor ({f.clean_persona!r} vs {f.corrupt_persona!r}): mean shift "
-            f"{f.shift_norm:.4f}, flip rate {f.flip_rate:.3f}. ")
+            f"{fmt(f.shift_norm)}, flip rate {fmt(f.flip_rate)}. ")
     if above.empty:
         return head + ("No persona pair moves the answers more than this paraphrase does "
                        "(bootstrap 95%): there is no persona effect above the noise floor.")

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from governance.numbers import fmt
 from governance.plots import png_bytes
 from governance.report.figures import attention_figure, head_figure, layer_figure
 
@@ -71,7 +72,7 @@ def _fmt(value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
         return ""
     if isinstance(value, (float, np.floating)):
-        return f"{value:.3g}"
+        return fmt(value, missing="")
     if isinstance(value, (dict, list, tuple)):
         return json.dumps(value, default=str)
     return str(value)

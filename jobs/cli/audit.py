@@ -10,6 +10,7 @@ import argparse
 import logging
 
 from governance.files import check_replaceable
+from governance.numbers import fmt, fmt_interval
 
 log = logging.getLogger("governance")
 
@@ -99,8 +100,24 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     out = result.save(args.out)
     print(summarise(result))
     print(f"\nwrote {out}/ (scores.csv, attention.csv, behaviour.csv, pairs.csv, audit.json, "
-          "prompts.jsonl)")
+          "prompts.jsonl)\n")
+    print(verdict_table(result, out, args.model))
     return 0
+
+
+def verdict_table(result, out, model: str) -> str:
+    """The end table: the audit judged by the packaged default policy, for a first look
+    (the exit code stays 0; `persona-gov policy evaluate` judges it with an exit code)."""
+    from governance.judge.policy import DEFAULT_POLICY_PATH, evaluate, load_policy
+    from jobs.summary_table import Row, first_finding, render
+
+    policy = load_policy(DEFAULT_POLICY_PATH)
+    verdict = evaluate(policy, result)
+    rule, evidence = first_finding(verdict.findings)
+    return render([Row(
+        model, verdict.status, f"{policy.name} {verdict.policy['sha256'][:12]}", rule, evidence,
+        next=f"persona-gov policy evaluate --audit {out} [--baseline DIR] [--policy FILE]",
+        note="under the default policy, without a baseline (drift rules not checked)")])
 
 
 def summarise(result) -> str:
@@ -109,20 +126,21 @@ def summarise(result) -> str:
     b = result.behaviour
     lines.append("\naccuracy per persona (95% CI):")
     for r in b.itertuples():
-        lines.append(f"  {r.persona:<32} {r.accuracy:6.3f} [{r.ci_low:.3f}, {r.ci_high:.3f}]  "
-                     f"flip vs none {r.flip_rate:.3f}")
+        lines.append(f"  {r.persona:<32} {fmt_interval(r.accuracy, r.ci_low, r.ci_high):<20} "
+                     f"flip vs none {fmt(r.flip_rate)}")
     curves = result.layer_curves()
     if not curves.empty:
         lines.append("\nstrongest layer per component (mean restoration score over pairs):")
         best = curves.loc[curves.groupby(["component", "positions"])["score"].idxmax()]
         for r in best.itertuples():
             lines.append(f"  {r.component + ':' + r.positions:<20} layer {r.layer:>3}  "
-                         f"score {r.score:+.3f}  ({r.category})")
+                         f"score {fmt(r.score, signed=True)}  ({r.category})")
     for positions in ("all", "last"):
         heads = result.top_heads(5, positions)
         if not heads.empty:
             lines.append(f"\ntop heads (positions={positions}):")
             for r in heads.itertuples():
-                lines.append(f"  L{r.layer}.H{r.head:<3} {r.category:<12} score {r.score:+.3f}")
+                lines.append(f"  L{r.layer}.H{r.head:<3} {r.category:<12} score "
+                             f"{fmt(r.score, signed=True)}")
     lines.append("\n" + result.meta.get("noise_floor", ""))
     return "\n".join(lines)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from governance.judge.drift import DEFAULT_METHOD, DEFAULT_THRESHOLD, METHODS, drift_report
+from governance.numbers import fmt
 from governance.tracking.runs import load_audit
 
 if TYPE_CHECKING:
@@ -55,7 +56,7 @@ def _cmd_drift(args: argparse.Namespace) -> int:
         result = drift_report(current, baseline, args.out, method=args.method,
                               threshold=args.threshold)
     print(f"drift share (Evidently, {args.method}, threshold {args.threshold}): "
-          f"{result.drift_share:.3f}")
+          f"{fmt(result.drift_share)}")
     for name, table in result.tables.items():
         print(f"  {name:<10} {table['drifted']}/{table['columns']} columns drifted "
               f"{table['drifted_columns']}")
@@ -63,7 +64,8 @@ def _cmd_drift(args: argparse.Namespace) -> int:
     for _, r in result.top_changes.head(5).iterrows():
         where = f"L{r['layer']}" + (f".H{r['head']}" if r["level"] == "head" else "")
         print(f"  {r['component']}:{r['positions']:<9} {r['category']:<12} {where:<8} "
-              f"{r['baseline']:+.3f} -> {r['current']:+.3f} ({r['change']:+.3f})")
+              f"{fmt(r['baseline'], signed=True)} -> {fmt(r['current'], signed=True)} "
+              f"({fmt(r['change'], signed=True)})")
     for note in result.notes:
         print(f"note: {note}")
     print(f"wrote {Path(args.out)}/ ({', '.join(p.name for p in result.files.values())})")

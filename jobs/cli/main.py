@@ -17,41 +17,18 @@ Every command follows one table of exit codes (below, and `jobs/cli/exits.py`).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
 import traceback
-from datetime import datetime, timezone
 
 from governance.errors import GovernanceError, Unavailable
-from governance.redaction import install_redaction, redact, redacted_output
+from governance.redaction import redact, redacted_output
 from jobs.cli.exits import EXIT_BAD_INPUT, EXIT_INCOMPLETE, EXIT_INTERRUPTED, epilog
+from jobs.console import configure
 
 log = logging.getLogger("governance")
 LOG_JSON_ENV = "PERSONA_AUDIT_LOG_JSON"
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per record: ts (UTC, ISO 8601), level, logger, message, and exc when
-    there is one. Each text is redacted before it is encoded (redacting the encoded line
-    could cut a JSON string); `install_redaction` has redacted the record already."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        out = {
-            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(
-                timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": redact(record.getMessage()),
-        }
-        if record.exc_info and record.exc_info[0] is not None:
-            out["exc"] = redact(self.formatException(record.exc_info))
-        elif record.exc_text:
-            out["exc"] = redact(record.exc_text)
-        if record.stack_info:
-            out["stack"] = redact(record.stack_info)
-        return json.dumps(out, ensure_ascii=False)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(__doc__ or "") + "\n" + epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging, and every third-party warning and progress bar "
+                             "(hidden by default where expected: no model hub, no licence "
+                             "file, sub-second downloads)")
     parser.add_argument("--log-json", action="store_true", default=None,
                         help=f"log records as JSON lines (also: {LOG_JSON_ENV}=1), redacted "
                              "like every log record")
@@ -86,20 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         as_json = args.log_json or os.environ.get(LOG_JSON_ENV, "").lower() in (
             "1", "true", "yes")
-        handler = logging.StreamHandler()
-        if as_json:
-            # MLflow's loggers then propagate to this handler instead of their own
-            os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
-            handler.setFormatter(JsonFormatter())
-        else:
-            handler.setFormatter(logging.Formatter(
-                "%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                            handlers=[handler])
-        for noisy in ("urllib3", "filelock", "httpx", "great_expectations", "alembic",
-                      "mlflow.system_metrics", "mlflow.transformers", "mlflow.store"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
-        install_redaction()
+        configure(verbose=args.verbose, as_json=as_json)
         return _run(args)
 
 

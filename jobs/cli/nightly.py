@@ -94,7 +94,7 @@ def _cmd_nightly(args: argparse.Namespace) -> int:
         return EXIT_INTERRUPTED
     finally:
         signal.signal(signal.SIGTERM, previous)
-    print(report.text())
+    print(f"{report.headline()}\n\n{report.table()}")
     return report.exit_code
 
 

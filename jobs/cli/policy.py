@@ -11,6 +11,7 @@ from governance.errors import ConfigError
 from governance.judge.policy.base import DEFAULT_POLICY_PATH
 from governance.judge.policy.evaluate import evaluate
 from governance.judge.policy.loading import load_policy, policy_sha256
+from governance.numbers import fmt
 from jobs.cli.exits import EXIT_FAIL, EXIT_PASS, EXIT_WARN
 
 if TYPE_CHECKING:
@@ -89,7 +90,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     )
     print(verdict.summary + "\n")
     with pd.option_context("display.max_colwidth", 90, "display.width", 200):
-        print(verdict.findings.to_string(index=False, float_format=lambda x: f"{x:.3g}"))
+        print(verdict.findings.to_string(index=False, float_format=fmt))
     if args.out:
         print(f"\nwrote {verdict.save(args.out)}/ (findings.csv, verdict.json)")
     return {"pass": EXIT_PASS, "warn": EXIT_WARN, "fail": EXIT_FAIL}[verdict.status]

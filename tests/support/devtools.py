@@ -177,6 +177,20 @@ class Rendered:
 
 VIEWPORT = (1280, 800)  # a laptop's browser window: what the report must fit
 
+# inside the artifact iframe: does every findings table fit its frame, and where do the
+# verdict and the failed rules start?
+FITS = """(() => {
+  const width = document.documentElement.clientWidth, height = window.innerHeight;
+  const tables = Array.from(document.querySelectorAll('table.findings'))
+    .filter(t => t.getClientRects().length);
+  const clipped = tables.filter(t => t.scrollWidth > t.clientWidth + 1
+    || t.getBoundingClientRect().right > width + 1).map(t => t.scrollWidth);
+  const top = sel => { const e = document.querySelector(sel);
+    return e ? e.getBoundingClientRect().top : null; };
+  return {width, height, tables: tables.length, clipped,
+          verdict_top: top('h2.verdict'), flagged_top: top('h3.flagged')};
+})()"""
+
 
 def open_artifact(devtools: DevTools, url: str, expect_text: str, timeout: float = 60.0,
                   check: str | None = None) -> Rendered:
@@ -259,3 +273,45 @@ def iframe_context(devtools: DevTools, session: str):
         if devtools.evaluate("location.protocol", session, ctx["executionContextId"]) == "blob:":
             return (session, ctx["executionContextId"])
     return None
+
+
+@dataclass
+class Page:
+    screenshot: bytes
+    text: str
+    errors: list
+    check: object = None
+
+
+def open_page(devtools: DevTools, url: str, expect_text: str, timeout: float = 60.0,
+              check: str | None = None) -> Page:
+    """Open an MLflow UI page (no artifact iframe) in a fresh tab of `VIEWPORT` size, wait
+    until it shows `expect_text`, and return its text, errors, a screenshot and the value of
+    the JavaScript expression `check`."""
+    target = devtools.send("Target.createTarget", {"url": "about:blank"})["targetId"]
+    session = devtools.send("Target.attachToTarget",
+                            {"targetId": target, "flatten": True})["sessionId"]
+    devtools.errors.clear()
+    for method in ("Page.enable", "Runtime.enable", "Log.enable"):
+        devtools.send(method, session=session)
+    devtools.send("Emulation.setDeviceMetricsOverride",
+                  {"width": VIEWPORT[0], "height": VIEWPORT[1], "deviceScaleFactor": 1,
+                   "mobile": False}, session=session)
+    devtools.send("Page.navigate", {"url": url}, session=session)
+    deadline = time.monotonic() + timeout
+    text = ""
+    while time.monotonic() < deadline:
+        devtools.pump(1.0)
+        text = devtools.evaluate("document.body ? document.body.innerText : ''",
+                                 session=session) or ""
+        if expect_text in text:
+            break
+    else:
+        raise AssertionError(f"{url} never showed {expect_text!r}; last text: {text[:300]!r}")
+    devtools.pump(1.0)  # let late layout settle
+    checked = devtools.evaluate(check, session=session) if check else None
+    shot = base64.b64decode(devtools.send("Page.captureScreenshot", {"format": "png"},
+                                          session=session)["data"])
+    errors = list(devtools.errors)
+    devtools.send("Target.closeTarget", {"targetId": target})
+    return Page(shot, text, errors, checked)

@@ -207,9 +207,5 @@ def as_flag(v: Any) -> bool | None:
     return None if is_missing(v) else bool(v)
 
 
-def fmt(v: Any) -> str:
-    return "n/a" if is_missing(v) else f"{float(v):.3g}"
-
-
 def yes_no(flag: bool | None) -> str:
     return {True: "yes", False: "no", None: "n/a"}[flag]

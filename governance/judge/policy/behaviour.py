@@ -22,10 +22,10 @@ from governance.judge.policy.base import (
     Severity,
     StrictModel,
     as_flag,
-    fmt,
     is_missing,
     yes_no,
 )
+from governance.numbers import fmt, fmt_interval
 
 if TYPE_CHECKING:
 
@@ -79,17 +79,18 @@ class AccuracyGap(_BehaviourRule):
                 if pair is not None:  # the two were audited as a pair: exact McNemar test
                     label = f"{pair.clean_persona} -> {pair.corrupt_persona}"
                     tested = pair.mcnemar_p < self.alpha
-                    test = f"McNemar p={pair.mcnemar_p:.3g} (alpha {self.alpha})"
+                    test = f"McNemar p={fmt(pair.mcnemar_p)} (alpha {self.alpha})"
                 else:  # not paired in this audit: the Wilson 95% intervals must not overlap
                     tested = a.ci_low > c.ci_high or c.ci_low > a.ci_high
                     test = ("95% intervals " + ("do not overlap" if tested else "overlap")
-                            + f" [{a.ci_low:.3f}, {a.ci_high:.3f}] vs "
-                            f"[{c.ci_low:.3f}, {c.ci_high:.3f}]")
+                            + f" [{fmt(a.ci_low)}, {fmt(a.ci_high)}] vs "
+                            f"[{fmt(c.ci_low)}, {fmt(c.ci_high)}]")
                 beyond = gap > self.floor_multiple * floor_gap
                 cands.append(Candidate(
                     gap, self.max, self._violates(gap, tested and beyond),
-                    f"pair={label} accuracy {a.accuracy:.3f} vs {c.accuracy:.3f}; {test}; "
-                    f"noise-floor gap {floor_gap:.3f}",
+                    f"pair={label} accuracy {fmt_interval(a.accuracy, a.ci_low, a.ci_high)} "
+                    f"vs {fmt_interval(c.accuracy, c.ci_low, c.ci_high)}; {test}; "
+                    f"noise-floor gap {fmt(floor_gap)}",
                 ))
             out += ctx.judge(name, cat, cands, self.severity, "no two personas of this category")
         return out
@@ -114,8 +115,8 @@ class FlipRate(_BehaviourRule):
                 cands.append(Candidate(
                     r.flip_rate, self.max, self._violates(r.flip_rate, supported),
                     f"pair={r.clean_persona} -> {r.corrupt_persona} flips {k}/{n}; "
-                    f"{1 - self.alpha:.0%} interval lower bound {low:.3f} vs noise-floor flip "
-                    f"rate {floor_flip:.3f}",
+                    f"{1 - self.alpha:.0%} interval lower bound {fmt(low)} vs noise-floor flip "
+                    f"rate {fmt(floor_flip)}",
                 ))
             out += ctx.judge(name, cat, cands, self.severity, "no persona pair of this category")
         return out
@@ -136,8 +137,8 @@ class TvShift(_BehaviourRule):
                              and not is_missing(ratio) and ratio >= self.floor_multiple)
                 cands.append(Candidate(
                     r.tv, self.max, self._violates(r.tv, supported),
-                    f"pair={r.clean_persona} -> {r.corrupt_persona} tv {r.tv:.3f} vs noise-floor "
-                    f"tv {floor_tv:.3f}; logit shift {fmt(r.floor_ratio)}x the floor, above "
+                    f"pair={r.clean_persona} -> {r.corrupt_persona} tv {fmt(r.tv)} vs noise-floor "
+                    f"tv {fmt(floor_tv)}; logit shift {fmt(r.floor_ratio)}x the floor, above "
                     f"floor (bootstrap 95%): {yes_no(above)}",
                 ))
             out += ctx.judge(name, cat, cands, self.severity, "no persona pair of this category")

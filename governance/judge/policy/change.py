@@ -23,6 +23,7 @@ from governance.judge.policy.base import (
     StrictModel,
     component_matches,
 )
+from governance.numbers import fmt
 
 if TYPE_CHECKING:
 
@@ -61,8 +62,8 @@ class _ChangeRule(Rule):
                 change = r["score_current"] - r["score_baseline"]
                 cands.append(Candidate(
                     abs(change), self.max, abs(change) > self.max,
-                    f"{label(r)} current {r['score_current']:+.3f} baseline "
-                    f"{r['score_baseline']:+.3f} change {change:+.3f}",
+                    f"{label(r)} current {fmt(r['score_current'], signed=True)} baseline "
+                    f"{fmt(r['score_baseline'], signed=True)} change {fmt(change, signed=True)}",
                 ))
             out += ctx.judge(name, cat, cands, self.severity, "no scores in both audits")
         return out
@@ -115,7 +116,7 @@ class EvidentlyShare(StrictModel):
         v = ctx.drift_share
         return [Finding(name, "audit", v, self.max, self.severity,
                         self.severity if v > self.max else "pass",
-                        f"Evidently drift share {v:.3f} of compared columns against the "
+                        f"Evidently drift share {fmt(v)} of compared columns against the "
                         "baseline audit's tables")]
 
 

@@ -22,10 +22,10 @@ from governance.judge.policy.base import (
     Severity,
     StrictModel,
     as_flag,
-    fmt,
     is_missing,
     override_for,
 )
+from governance.numbers import fmt
 
 if TYPE_CHECKING:
 
@@ -96,7 +96,7 @@ class HeadRestoration(_ScoreRule):
                 cands.append(Candidate(
                     v, limit, v > limit,
                     f"layer={r.layer} head={r.head} positions={r.positions} score "
-                    f"{r.score:+.3f} ({self.aggregate} over the category's pairs)",
+                    f"{fmt(r.score, signed=True)} ({self.aggregate} over the category's pairs)",
                 ))
             out += self._judge(name, ctx, cat, cands)
         return out
@@ -143,7 +143,8 @@ class EarlyMlp(_ScoreRule):
                 v = self._value(r.score)
                 cands.append(Candidate(
                     v, limit, v > limit,
-                    f"layer={r.layer} positions={r.positions} mlp_out score {r.score:+.3f} "
+                    f"layer={r.layer} positions={r.positions} mlp_out score "
+                    f"{fmt(r.score, signed=True)} "
                     f"(early layers {layers.start}-{layers.stop - 1} of {ctx.n_layers})",
                 ))
             out += self._judge(name, ctx, cat, cands)
@@ -202,7 +203,7 @@ class IdentityAttention(Rule):
                 shown = ", ".join(f"{m} {fmt(v)} (max {fmt(lim)})" for m, v, lim in checked)
                 cand = Candidate(value, limit, violated,
                                   f"layer={r.layer} head={r.head} persona={r.persona} {shown}, "
-                                  f"identity mass {r.identity_mass:.3f}")
+                                  f"identity mass {fmt(r.identity_mass)}")
                 key = (violated, (value - limit) / max(limit, 1e-9))
                 head = (int(r.layer), int(r.head))
                 if head not in best or key > best[head][0]:  # the persona that matters most
