@@ -230,18 +230,48 @@ def selectivity(attention: pd.DataFrame) -> pd.DataFrame:
     return out.merge(z, on=["category", "layer", "head"], how="left")
 
 
+def _by_control(audit: AuditResult) -> Verdict | None:
+    """Claim 3 where the attention table has race but no other persona category: race's
+    strongest head by its ratio to the neutral control, against the paraphrase personas'
+    strongest head by the same ratio (docs/method.md's definition of disproportionate)."""
+    att = audit.attention
+    race = att[att["category"] == "race"]
+    floor = att[att["category"] == "noise_floor"]
+    if race.empty or floor.empty:
+        return None
+    r = race.groupby(["layer", "head"], as_index=False)[["ratio", "zscore"]].mean()
+    f = floor.groupby(["layer", "head"], as_index=False)["ratio"].mean()
+    top = r.loc[r["ratio"].idxmax()]
+    f_max = float(f["ratio"].max())
+    heads = r[(r["ratio"] >= SELECTIVE * f_max) & (r["zscore"] >= Z_HIGH)]
+    beats = bool(top["ratio"] > f_max)
+    answer = (HOLDS if not heads.empty and beats else PARTLY if beats else NOT_HERE)
+    n = int(len(audit.meta.get("question_ids", [])))
+    return Verdict(3, "", answer, "", (
+        f"(no other persona category in the audit: ratio to the neutral control instead) race's "
+        f"top head L{int(top['layer'])}.H{int(top['head'])}: {top['ratio']:.2f}x the control's "
+        f"identity mass (z {top['zscore']:+.1f}); the paraphrase personas' top head: "
+        f"{f_max:.2f}x; {len(heads)} race heads at >= {SELECTIVE}x the paraphrase maximum with "
+        f"z >= {Z_HIGH}. Caveat: persona phrases of more tokens collect more mass "
+        f"(question-averaged masses over n={n} questions; no interval)"))
+
+
 def claim_identity_heads(m: ModelAudits) -> Verdict:
-    test = (f"per head, race personas' identity mass over the other categories' "
+    test = (f"per head, race personas' identity mass over the other persona categories' "
             f"(selectivity); race's top head against every other category's top head "
-            f"(placebo); selective at >= {SELECTIVE}x with z >= {Z_HIGH}")
+            f"(placebo); race-selective at >= {SELECTIVE}x with z >= {Z_HIGH}. Without other "
+            f"categories: the ratio to the neutral control against the paraphrase personas'")
     audit = m.catalogue if m.catalogue is not None and not m.catalogue.attention.empty \
         else m.anatomy
     if audit is None or audit.attention.empty:
         return Verdict(3, m.label, UNTESTED, test, "no attention-to-identity table")
     sel = selectivity(audit.attention)
     if "race" not in set(sel["category"]) or sel["category"].nunique() < 2:
-        return Verdict(3, m.label, UNTESTED, test,
-                       "the attention table lacks race or any other category to compare with")
+        fallback = _by_control(audit)
+        if fallback is None:
+            return Verdict(3, m.label, UNTESTED, test, "the attention table lacks race, or "
+                           "both another category and the paraphrase personas")
+        return Verdict(3, m.label, fallback.answer, test, fallback.evidence)
     top = sel.loc[sel.groupby("category")["selectivity"].idxmax()].set_index("category")
     race = top.loc["race"]
     placebo = top.drop(index="race")["selectivity"]
@@ -252,7 +282,7 @@ def claim_identity_heads(m: ModelAudits) -> Verdict:
               PARTLY if not race_heads.empty or beats else NOT_HERE)
     n = int(len(audit.meta.get("question_ids", [])))
     evidence = (
-        f"race's most selective head L{int(race.layer)}.H{int(race.head)}: "
+        f"race's most selective head L{int(race['layer'])}.H{int(race['head'])}: "
         f"{race.selectivity:.2f}x the other categories' mass (z {race.zscore:+.1f}); "
         f"{len(race_heads)} race heads at >= {SELECTIVE}x with z >= {Z_HIGH}; other "
         f"categories' top heads (placebo): "
@@ -363,7 +393,8 @@ def anatomy_figure(models: list[ModelAudits]):
 
 
 def heads_figure(models: list[ModelAudits]):
-    """Race selectivity per head (race identity mass over the other categories'), per model."""
+    """Race identity mass per head over its comparison: the other persona categories' mass,
+    or the neutral control's where the audit has no other category (log2), per model."""
     from governance.plots import head_matrix, heatmap_panels
 
     panels = []
@@ -372,14 +403,20 @@ def heads_figure(models: list[ModelAudits]):
         if audit is None or audit.attention.empty:
             continue
         sel = selectivity(audit.attention)
-        race = sel[sel["category"] == "race"].assign(
-            log2=lambda f: np.log2(f["selectivity"].clip(lower=1e-6)))
+        race = sel[sel["category"] == "race"].dropna(subset=["selectivity"])
+        name = f"{m.label} (vs other categories)"
+        if race.empty:
+            att = audit.attention
+            race = (att[att["category"] == "race"].groupby(["layer", "head"], as_index=False)
+                    ["ratio"].mean().rename(columns={"ratio": "selectivity"}))
+            name = f"{m.label} (vs the neutral control)"
         if not race.empty:
-            panels.append((m.label, head_matrix(race, "log2")))
+            race = race.assign(log2=np.log2(race["selectivity"].clip(lower=1e-6)))
+            panels.append((name, head_matrix(race, "log2")))
     if not panels:
         return None
-    return heatmap_panels(panels, title="race selectivity per head: log2(race identity mass / "
-                          "other categories')", colorbar="log2 selectivity", mark_max=True)
+    return heatmap_panels(panels, title="race identity mass per head over its comparison "
+                          "(log2; outlined: the largest)", colorbar="log2 ratio", mark_max=True)
 
 
 # -- the page ---------------------------------------------------------------------------------
