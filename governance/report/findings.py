@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -95,7 +96,7 @@ def load_manifest(path: str | Path) -> list[ModelAudits]:
             rel = entry.get(kind)
             loaded[kind] = None if rel is None else AuditResult.load(base / rel)
             if rel is not None:
-                paths[kind] = str(rel)
+                paths[kind] = os.path.relpath(base / rel)
         out.append(ModelAudits(entry["label"], loaded["catalogue"], loaded["anatomy"], paths,
                                str(entry.get("note", ""))))
     return out
@@ -213,10 +214,26 @@ def claim_middle_attention(m: ModelAudits) -> Verdict:
     return Verdict(2, m.label, _combine(answers), test, "; ".join(lines) or "no middle layer")
 
 
-def selectivity(attention: pd.DataFrame) -> pd.DataFrame:
+def identity_lengths(audit: AuditResult) -> dict[str, int]:
+    """Tokens of each persona phrase, from the stored prompts (the padded side's filler
+    tokens taken off)."""
+    out: dict[str, int] = {}
+    for p in audit.prompts:
+        n = len(p["identity_positions"])
+        out.setdefault(p["clean_persona"], n - (p["n_filler"] if p["padded"] == "clean" else 0))
+        out.setdefault(p["corrupt_persona"],
+                       n - (p["n_filler"] if p["padded"] == "corrupt" else 0))
+    return out
+
+
+def selectivity(attention: pd.DataFrame, lengths: dict[str, int] | None = None) -> pd.DataFrame:
     """Per (category, layer, head): the category's mean identity mass over the mean of every
-    other persona category's (controls and the noise floor excluded from both sides)."""
-    att = attention[~attention["category"].isin(["control", "noise_floor", "baseline"])]
+    other persona category's (controls and the noise floor excluded from both sides). With
+    `lengths` covering every persona, mass is taken per persona token, so a longer phrase
+    does not look more attended merely for having more tokens."""
+    att = attention[~attention["category"].isin(["control", "noise_floor", "baseline"])].copy()
+    if lengths and set(att["persona"]) <= set(lengths):
+        att["identity_mass"] = att["identity_mass"] / att["persona"].map(lengths)
     mean = att.groupby(["category", "layer", "head"], as_index=False)["identity_mass"].mean()
     z = att.groupby(["category", "layer", "head"], as_index=False)["zscore"].mean()
     rows = []
@@ -228,6 +245,17 @@ def selectivity(attention: pd.DataFrame) -> pd.DataFrame:
     out = pd.concat(rows, ignore_index=True) if rows else pd.DataFrame(
         columns=["category", "layer", "head", "selectivity"])
     return out.merge(z, on=["category", "layer", "head"], how="left")
+
+
+def _top(sel: pd.DataFrame) -> pd.DataFrame:
+    """Per category, its most selective head among the heads whose mass stands out across
+    heads (z >= Z_HIGH), or among all heads where none does."""
+    picks = []
+    for _, part in sel.dropna(subset=["selectivity"]).groupby("category"):
+        strong = part[part["zscore"] >= Z_HIGH]
+        part = strong if not strong.empty else part
+        picks.append(part.loc[part["selectivity"].idxmax()])
+    return pd.DataFrame(picks).set_index("category")
 
 
 def _by_control(audit: AuditResult) -> Verdict | None:
@@ -265,14 +293,18 @@ def claim_identity_heads(m: ModelAudits) -> Verdict:
         else m.anatomy
     if audit is None or audit.attention.empty:
         return Verdict(3, m.label, UNTESTED, test, "no attention-to-identity table")
-    sel = selectivity(audit.attention)
+    lengths = identity_lengths(audit)
+    att = audit.attention
+    compared = att[~att["category"].isin(["control", "noise_floor", "baseline"])]
+    per_token = bool(lengths) and set(compared["persona"]) <= set(lengths)
+    sel = selectivity(audit.attention, lengths)
     if "race" not in set(sel["category"]) or sel["category"].nunique() < 2:
         fallback = _by_control(audit)
         if fallback is None:
             return Verdict(3, m.label, UNTESTED, test, "the attention table lacks race, or "
                            "both another category and the paraphrase personas")
         return Verdict(3, m.label, fallback.answer, test, fallback.evidence)
-    top = sel.loc[sel.groupby("category")["selectivity"].idxmax()].set_index("category")
+    top = _top(sel)
     race = top.loc["race"]
     placebo = top.drop(index="race")["selectivity"]
     race_heads = sel[(sel["category"] == "race") & (sel["selectivity"] >= SELECTIVE)
@@ -282,8 +314,10 @@ def claim_identity_heads(m: ModelAudits) -> Verdict:
               PARTLY if not race_heads.empty or beats else NOT_HERE)
     n = int(len(audit.meta.get("question_ids", [])))
     evidence = (
-        f"race's most selective head L{int(race['layer'])}.H{int(race['head'])}: "
-        f"{race.selectivity:.2f}x the other categories' mass (z {race.zscore:+.1f}); "
+        f"race's most selective head (among heads with z >= {Z_HIGH} where any) "
+        f"L{int(race['layer'])}.H{int(race['head'])}: {race.selectivity:.2f}x the other "
+        f"categories' mass {'per persona token' if per_token else '(not per token)'} "
+        f"(z {race.zscore:+.1f}); "
         f"{len(race_heads)} race heads at >= {SELECTIVE}x with z >= {Z_HIGH}; other "
         f"categories' top heads (placebo): "
         + ", ".join(f"{c} {v:.2f}x" for c, v in placebo.sort_values(ascending=False).items())
@@ -402,7 +436,7 @@ def heads_figure(models: list[ModelAudits]):
         audit = m.catalogue if m.catalogue is not None else m.anatomy
         if audit is None or audit.attention.empty:
             continue
-        sel = selectivity(audit.attention)
+        sel = selectivity(audit.attention, identity_lengths(audit))
         race = sel[sel["category"] == "race"].dropna(subset=["selectivity"])
         name = f"{m.label} (vs other categories)"
         if race.empty:
@@ -447,7 +481,7 @@ def render(models: list[ModelAudits], figures: dict[str, str], command: str,
         out += [preamble.strip(), ""]
     out += ["## The models and their audits", ""]
     for m in models:
-        audits = ", ".join(f"{k}: `docs/results/{p}`" for k, p in m.paths.items())
+        audits = ", ".join(f"{k}: `{p}`" for k, p in m.paths.items())
         line = f"- **{m.label}** ({m.n_layers} layers): {audits}."
         if m.note:
             line += f" {m.note}"
