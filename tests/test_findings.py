@@ -97,14 +97,16 @@ def test_findings_page_is_written_from_stored_audits(tiny_audit, tmp_path):
     copy_audit(tiny_audit).save(tmp_path / "results" / "tiny")
     manifest = tmp_path / "results" / "findings.yaml"
     manifest.write_text("preamble: Tiny models only.\nmodels:\n"
-                        "  - {label: tiny-llama, catalogue: tiny, anatomy: tiny}\n")
+                        "  - {label: tiny-llama, catalogue: tiny, anatomy: tiny}\n"
+                        "  - {label: later, note: Not run.}\n")
     out = tmp_path / "findings.md"
     assert main([str(manifest), "--out", str(out)]) == 0
     page = out.read_text()
-    assert "Tiny models only." in page and "| claim | tiny-llama |" in page
+    assert "Tiny models only." in page and "| claim | tiny-llama | later |" in page
+    assert "- **later**: no audit. Not run." in page
     rows = [line for line in page.splitlines() if line.startswith("| 1. ")]
-    assert len(rows) == 1 and rows[0].rsplit("|", 2)[1].strip() in (
-        HOLDS, PARTLY, NOT_HERE, UNTESTED)
+    cells = [c.strip() for c in rows[0].split("|")[2:4]]
+    assert len(rows) == 1 and cells[0] in (HOLDS, PARTLY, NOT_HERE) and cells[1] == UNTESTED
     acc = tiny_audit.behaviour.set_index("persona").loc["a Black person", "accuracy"]
     assert f"| a Black person | race | {acc:.3f} |" in page
     for name in ("behaviour", "anatomy", "heads"):

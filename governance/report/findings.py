@@ -61,6 +61,7 @@ class ModelAudits:
     anatomy: AuditResult | None
     paths: dict[str, str] = field(default_factory=dict)
     note: str = ""
+    answer_formats: pd.DataFrame | None = None
 
     @property
     def n_layers(self) -> int:
@@ -97,8 +98,12 @@ def load_manifest(path: str | Path) -> list[ModelAudits]:
             loaded[kind] = None if rel is None else AuditResult.load(base / rel)
             if rel is not None:
                 paths[kind] = os.path.relpath(base / rel)
+        formats = None
+        if entry.get("answer_formats"):
+            formats = pd.read_csv(base / entry["answer_formats"])
+            paths["answer formats"] = os.path.relpath(base / entry["answer_formats"])
         out.append(ModelAudits(entry["label"], loaded["catalogue"], loaded["anatomy"], paths,
-                               str(entry.get("note", ""))))
+                               str(entry.get("note", "")), formats))
     return out
 
 
@@ -482,10 +487,21 @@ def render(models: list[ModelAudits], figures: dict[str, str], command: str,
     out += ["## The models and their audits", ""]
     for m in models:
         audits = ", ".join(f"{k}: `{p}`" for k, p in m.paths.items())
-        line = f"- **{m.label}** ({m.n_layers} layers): {audits}."
+        if m.anatomy is None and m.catalogue is None:
+            line = f"- **{m.label}**: no audit" + (f" ({audits})" if audits else "") + "."
+        else:
+            line = f"- **{m.label}** ({m.n_layers} layers): {audits}."
         if m.note:
             line += f" {m.note}"
         out.append(line)
+    formats = [m for m in models if m.answer_formats is not None]
+    if formats:
+        out += ["", "## Does the prompt suit the model?", "",
+                "No-persona accuracy per answer prefix (`docs/answer_formats.py`): the option "
+                "mass is the probability the model puts on the four letter tokens right after "
+                "the prefix; near 1, it answers with a letter there.", ""]
+        for m in formats:
+            out += [f"**{m.label}**", "", _table(m.answer_formats), ""]
     out += ["", "## The three claims", "",
             "| claim | " + " | ".join(m.label for m in models) + " |",
             "|---|" + "---|" * len(models)]
