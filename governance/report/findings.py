@@ -48,6 +48,7 @@ CLAIMS = {
     2: "Middle attention layers carry the persona from its tokens to the answer.",
     3: "Some attention heads attend disproportionately to racial and colour identity tokens.",
 }
+KINDS = {"catalogue": "behaviour and attention", "anatomy": "patching anatomy"}
 SELECTIVE = 1.5  # a head is race-selective at >= 1.5x the other categories' mean mass
 Z_HIGH = 2.0  # ... and when its race mass stands out across heads
 
@@ -145,10 +146,12 @@ def _above_floor(audit: AuditResult, clean: str, corrupt: str) -> bool:
 
 def _screened_note(audit: AuditResult, component: str, positions: str) -> str:
     spec = audit.meta["spec"]
-    if spec.get("screen", "off") != "atp":
-        return "exact at every layer"
-    exact = sorted(_sweep(audit, component, positions, False)["layer"].unique())
-    return f"AtP-screened, exact at layers {exact}"
+    exact = [int(x) for x in sorted(_sweep(audit, component, positions, False)["layer"].unique())]
+    if spec.get("screen", "off") == "atp":
+        return f"AtP-screened, exact at layers {exact}"
+    if spec.get("layers"):
+        return f"exact, at layers {exact}"
+    return "exact at every layer"
 
 
 # -- the claims ---------------------------------------------------------------------------
@@ -273,16 +276,19 @@ def _by_control(audit: AuditResult) -> Verdict | None:
     if race.empty or floor.empty:
         return None
     r = race.groupby(["layer", "head"], as_index=False)[["ratio", "zscore"]].mean()
-    f = floor.groupby(["layer", "head"], as_index=False)["ratio"].mean()
-    top = r.loc[r["ratio"].idxmax()]
-    f_max = float(f["ratio"].max())
+    f = floor.groupby(["layer", "head"], as_index=False)[["ratio", "zscore"]].mean()
+    strong_r, strong_f = r[r["zscore"] >= Z_HIGH], f[f["zscore"] >= Z_HIGH]
+    r_pick = strong_r if not strong_r.empty else r  # heads whose mass stands out, where any
+    top = r_pick.loc[r_pick["ratio"].idxmax()]
+    f_max = float((strong_f if not strong_f.empty else f)["ratio"].max())
     heads = r[(r["ratio"] >= SELECTIVE * f_max) & (r["zscore"] >= Z_HIGH)]
     beats = bool(top["ratio"] > f_max)
     answer = (HOLDS if not heads.empty and beats else PARTLY if beats else NOT_HERE)
     n = int(len(audit.meta.get("question_ids", [])))
     return Verdict(3, "", answer, "", (
         f"(no other persona category in the audit: ratio to the neutral control instead) race's "
-        f"top head L{int(top['layer'])}.H{int(top['head'])}: {top['ratio']:.2f}x the control's "
+        f"top head (among heads with z >= {Z_HIGH} where any) "
+        f"L{int(top['layer'])}.H{int(top['head'])}: {top['ratio']:.2f}x the control's "
         f"identity mass (z {top['zscore']:+.1f}); the paraphrase personas' top head: "
         f"{f_max:.2f}x; {len(heads)} race heads at >= {SELECTIVE}x the paraphrase maximum with "
         f"z >= {Z_HIGH}. Caveat: persona phrases of more tokens collect more mass "
@@ -486,7 +492,7 @@ def render(models: list[ModelAudits], figures: dict[str, str], command: str,
         out += [preamble.strip(), ""]
     out += ["## The models and their audits", ""]
     for m in models:
-        audits = ", ".join(f"{k}: `{p}`" for k, p in m.paths.items())
+        audits = ", ".join(f"{KINDS.get(k, k)}: `{p}`" for k, p in m.paths.items())
         if m.anatomy is None and m.catalogue is None:
             line = f"- **{m.label}**: no audit" + (f" ({audits})" if audits else "") + "."
         else:
