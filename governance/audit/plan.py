@@ -224,26 +224,31 @@ def verified_agreement(estimate: dict[str, np.ndarray], exact: dict[str, dict[in
         for i in scores:
             groups.setdefault(sweep_of(patches[i]), []).append(i)
         for s, idx in groups.items():
-            if len(idx) < 2:
-                continue
             est = np.array([estimate[pair][i] for i in idx])
             ex = np.array([scores[i] for i in idx])
-            if not (np.isfinite(est).all() and np.isfinite(ex).all()):
+            if len(idx) < 2 or not (np.isfinite(est).all() and np.isfinite(ex).all()):
+                per_sweep.setdefault(s, []).append((math.nan, math.nan))  # unknown
                 continue
             half = max(1, len(idx) // 2)
             a = agreement(est, ex, half)
             per_sweep.setdefault(s, []).append((a["spearman"], a[f"recall_at_{half}"]))
-    return {s: {"spearman": float(np.nanmean([a for a, _ in rows])),
-                "recall": float(np.nanmean([r for _, r in rows])),
-                "pairs": len(rows)}
+    return {s: {"spearman": _mean([a for a, _ in rows]), "recall": _mean([r for _, r in rows]),
+                "pairs": sum(not math.isnan(a) for a, _ in rows)}
             for s, rows in per_sweep.items()}
 
 
+def _mean(values: list[float]) -> float:
+    known = [v for v in values if not math.isnan(v)]
+    return float(np.mean(known)) if known else math.nan
+
+
 def low_agreement(agree: dict[str, dict[str, float]]) -> list[str]:
-    """Sweeps whose screen is not trusted, worst first."""
+    """Sweeps whose screen is not trusted, worst first: agreement below `MIN_SPEARMAN` or
+    `MIN_RECALL`, or unknown (fewer than two patches verified)."""
     low = [s for s, a in agree.items()
            if not (a["spearman"] >= MIN_SPEARMAN and a["recall"] >= MIN_RECALL)]
-    return sorted(low, key=lambda s: agree[s]["spearman"] + agree[s]["recall"])
+    return sorted(low, key=lambda s: np.nan_to_num(agree[s]["spearman"] + agree[s]["recall"],
+                                                   nan=-np.inf))
 
 
 def widen(order: dict[str, dict[str, list[int]]], flops: dict[str, np.ndarray],
