@@ -89,14 +89,10 @@ def recall_table(plan_scores: pd.DataFrame, exact_scores: pd.DataFrame, k: int) 
 def engine_time(loaded, result) -> tuple[float, int]:
     """The engine alone on the audit's own prompts and patches (as benchmarks/patching.py
     times it), with every pair's patches the audit ran."""
-    from governance.patching.engine import Patch, PatchingEngine
+    from governance.patching.engine import PatchingEngine
 
     engine = PatchingEngine(loaded.model, loaded.anatomy)
-    by_pair = {}
-    for r in result.scores.itertuples():
-        head = None if pd.isna(r.head) else int(r.head)
-        by_pair.setdefault((r.clean_persona, r.corrupt_persona), []).append(
-            Patch(r.component, int(r.layer), r.positions, head))
+    by_pair = chosen_by_pair(result.scores)
     prompts = result.prompts
     first = prompts[0]
     engine.run(first["clean_ids"], first["corrupt_ids"], first["identity_positions"],
@@ -109,6 +105,58 @@ def engine_time(loaded, result) -> tuple[float, int]:
                          by_pair[(p["clean_persona"], p["corrupt_persona"])], p["option_ids"])
         run.patched.cpu()
     return time.perf_counter() - t, len(prompts)
+
+
+def chosen_by_pair(scores: pd.DataFrame) -> dict[tuple[str, str], list]:
+    from governance.patching.engine import Patch
+
+    out: dict[tuple[str, str], list] = {}
+    for r in scores.itertuples():
+        head = None if pd.isna(r.head) else int(r.head)
+        out.setdefault((r.clean_persona, r.corrupt_persona), []).append(
+            Patch(r.component, int(r.layer), r.positions, head))
+    return out
+
+
+def profile_question(loaded, result, device) -> None:
+    """Where one prompt pair's exact patching spends its time: wall time with and without
+    a sync per question, and the profiler's top operators by host and by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from governance.patching.engine import PatchingEngine
+
+    engine = PatchingEngine(loaded.model, loaded.anatomy)
+    by_pair = chosen_by_pair(result.scores)
+    prompts = result.prompts[:16]
+
+    def one(p):
+        return engine.run(p["clean_ids"], p["corrupt_ids"], p["identity_positions"],
+                          by_pair[(p["clean_persona"], p["corrupt_persona"])], p["option_ids"])
+
+    for p in prompts:
+        one(p).patched.cpu()
+    t = time.perf_counter()
+    for p in prompts:
+        one(p).patched.cpu()
+    synced = (time.perf_counter() - t) / len(prompts)
+    t = time.perf_counter()
+    runs = [one(p) for p in prompts]
+    queued = time.perf_counter() - t
+    [r.patched.cpu() for r in runs]
+    ahead = (time.perf_counter() - t) / len(prompts)
+    rows = np.mean([len(by_pair[(p["clean_persona"], p["corrupt_persona"])]) for p in prompts])
+    print(f"\nprofile: {len(prompts)} prompt pairs, {rows:.0f} rows each: {synced * 1e3:.1f} ms "
+          f"a prompt pair read back one by one, {ahead * 1e3:.1f} ms queued together (the host "
+          f"took {queued / len(prompts) * 1e3:.1f} ms a prompt pair to queue them)")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    with profile(activities=activities) as prof:
+        for p in prompts[:4]:
+            one(p).patched.cpu()
+    table = prof.key_averages()
+    print(table.table(sort_by="self_cpu_time_total", row_limit=12))
+    if device.type == "cuda":
+        print(table.table(sort_by="self_cuda_time_total", row_limit=8))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,6 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all-exact", action="store_true",
                         help="also run every patch exactly; print recall@10 per sweep and the "
                         "engine's time on the audit's prompts beside the audit's")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile the exact patching of the plan's chosen patches")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args(argv)
@@ -163,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
           f"({peak / 1e12:.1f} TFLOP/s)")
     if device.type == "cuda":
         print(f"  peak GPU memory {torch.cuda.max_memory_allocated() / 1e9:.1f} GB")
+
+    if args.profile:
+        profile_question(loaded, result, device)
 
     if args.compare_top_k:
         fixed = base.model_copy(update={"exact_top_k": args.compare_top_k,
