@@ -227,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
               f"pair); scaled linearly to {n_prompts} prompt pairs: {per * n_prompts:.0f} s "
               f"= {per * n_prompts / 60:.1f} min, against the plan's "
               f"{timings['patching'] / 60:.1f} min")
+        if args.profile:
+            profile_question(loaded, r_fixed, device)
 
     if args.all_exact:
         exact_spec = base.model_copy(update={"screen": "off"})
