@@ -169,3 +169,23 @@ def test_low_agreement_widens_within_the_budget(loaded, monkeypatch):
     assert sorted(plan["widened"]) == ["head:all", "mlp_out:identity"]
     assert len(result.scores) == 4
     assert {"spearman", "recall", "pairs"} <= set(plan["agreement"]["head:all"])
+
+
+def test_first_pass_hands_each_pair_its_patches(loaded, aligned):
+    """What question shards receive: every pair's chosen patches by label, planned once."""
+    from governance.audit.plan import plan_first_pass
+    from governance.inputs.personas import load_catalogue
+    from governance.patching.engine import PatchingEngine
+
+    catalogue = load_catalogue()
+    pairs = {catalogue.pair("a physically-disabled person", "a human"): aligned}
+    patches = sweep(loaded.anatomy, [("head", "all"), ("mlp_out", "identity")])
+    engine = PatchingEngine(loaded.model, loaded.anatomy)
+    options = loaded.tokenizer.convert_tokens_to_ids(["A", "B", "C", "D"])
+    first = plan_first_pass(loaded, engine, pairs, patches, options, budget_s=1e6)
+    chosen = first.chosen_patches(patches)
+    assert list(chosen) == [next(iter(pairs)).label]
+    assert sorted(chosen[next(iter(pairs)).label], key=patches.index) == patches
+    assert first.k == {"head:all": 12, "mlp_out:identity": 3}
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        plan_first_pass(loaded, engine, pairs, patches, options, budget_s=1.0, workers=0)

@@ -325,21 +325,49 @@ class AuditPlan:
 # -- the patching stage under a budget ------------------------------------------------------
 
 
-def patch_within_budget(
+@dataclass
+class FirstPass:
+    """The plan before any exact patching: the screen's estimates, each pair's ranking and
+    FLOPs, the calibration and the k per sweep of the first exact pass."""
+
+    estimates: dict[PersonaPair, np.ndarray]
+    order: dict[str, dict[str, list[int]]]  # pair label -> sweep -> patch indices, best first
+    flops: dict[str, np.ndarray]  # pair label -> (patch,) FLOPs over its questions
+    calibration: Calibration
+    shape: ModelShape
+    k: dict[str, int]
+    floor: str | None
+    n_questions: int
+    screen_s: float
+    started: float  # time.perf_counter() when planning began
+
+    @property
+    def chosen(self) -> dict[str, list[int]]:
+        """Patch indices each pair verifies, by pair label."""
+        return choose(self.order, self.k, self.floor)
+
+    def chosen_patches(self, patches: Sequence[Patch]) -> dict[str, list[Patch]]:
+        """Each pair's patches to verify exactly, by pair label: what every question shard
+        of the audit patches."""
+        return {label: [patches[i] for i in idx] for label, idx in self.chosen.items()}
+
+
+def plan_first_pass(
     loaded: Any,
     engine: Any,
     aligned: dict[PersonaPair, list],
     patches: Sequence[Patch],
     option_ids: Sequence[int],
     budget_s: float,
-    verify: Callable[[dict[PersonaPair, list[Patch]]], dict[PersonaPair, PairScores]],
-) -> tuple[dict[PersonaPair, PairScores], dict[PersonaPair, np.ndarray], AuditPlan]:
-    """Calibrate, screen every pair, verify the top k per sweep that fits `budget_s`, widen
-    where the screen disagreed with what was verified. `verify` runs exact patching of
-    pair -> patches on every question of each pair. Returns the exact runs, the screen's
-    estimates and the plan (whose `chosen` is each pair's verified patches, by pair label)."""
+    workers: int = 1,
+) -> FirstPass:
+    """Calibrate on one prompt pair, screen every pair, and pick the largest k per sweep
+    whose exact patching fits `FIRST_PASS_SHARE` of the budget left, with the questions
+    split evenly over `workers` devices of this one's speed."""
     from governance.audit.screen import screen_pairs
 
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     t0 = time.perf_counter()
     pairs = list(aligned)
     n_q = len(aligned[pairs[0]])
@@ -357,10 +385,29 @@ def patch_within_budget(
         PromptShape.of(ap.clean_ids, ap.corrupt_ids, ap.identity) for ap in aligned[pair]])
         for pair in pairs}
     order = {pair.label: ranked(patches, estimates[pair]) for pair in pairs}
-
     left = budget_s - (time.perf_counter() - t0)
-    k_first = fit_k(order, flops, n_q, cal, FIRST_PASS_SHARE * left, floor)
-    chosen = choose(order, k_first, floor)
+    k = fit_k(order, flops, n_q, cal, FIRST_PASS_SHARE * left * workers, floor)
+    return FirstPass(estimates, order, flops, cal, shape, k, floor, n_q, screen_s, t0)
+
+
+def patch_within_budget(
+    loaded: Any,
+    engine: Any,
+    aligned: dict[PersonaPair, list],
+    patches: Sequence[Patch],
+    option_ids: Sequence[int],
+    budget_s: float,
+    verify: Callable[[dict[PersonaPair, list[Patch]]], dict[PersonaPair, PairScores]],
+) -> tuple[dict[PersonaPair, PairScores], dict[PersonaPair, np.ndarray], AuditPlan]:
+    """`plan_first_pass`, the exact pass, then widening where the screen disagreed with what
+    was verified. `verify` runs exact patching of pair -> patches on every question of each
+    pair. Returns the exact runs, the screen's estimates and the plan (whose `chosen` is
+    each pair's verified patches, by pair label)."""
+    fp = plan_first_pass(loaded, engine, aligned, patches, option_ids, budget_s)
+    pairs = list(aligned)
+    estimates, order, flops, cal, floor, n_q = (fp.estimates, fp.order, fp.flops,
+                                                fp.calibration, fp.floor, fp.n_questions)
+    t0, k_first, chosen, screen_s, shape = fp.started, fp.k, fp.chosen, fp.screen_s, fp.shape
     estimated = cost_of(chosen, flops, n_q, cal)
     t = time.perf_counter()
     runs = verify({pair: [patches[i] for i in chosen[pair.label]] for pair in pairs})
