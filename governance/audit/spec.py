@@ -151,7 +151,7 @@ def spec_hash(spec: AuditSpec, catalogue: PersonaCatalogue, questions_sha: str |
     body = spec.model_dump(mode="json")
     body.pop("questions", None)  # the file's content counts, not where it lies
     body.pop("personas", None)
-    if body.get("budget_minutes") is None:  # specs without a budget hash as they always did
+    if body.get("budget_minutes") is None:  # unset: not hashed, so stored audits stay comparable
         body.pop("budget_minutes", None)
     return _sha256_json(
         {"spec": body, "catalogue": catalogue.to_dict(), "questions": questions_sha}
