@@ -6,8 +6,8 @@ the matmul rate the device sustained while it did; with `--all-exact`, recall@10
 plan's top components against the all-exact audit's, per sweep (exit 1 below 0.9), and with
 `--engine-time` the engine's own time on the audit's prompts beside the audit's patching.
 
-    python benchmarks/audit_plan.py --model smollm2-135m-instruct --n-questions 3 \\
-        --pairs 1 --budget-minutes 6 --all-exact                 # a 2-core CPU
+    OMP_NUM_THREADS=1 python benchmarks/audit_plan.py --model smollm2-135m-instruct \\
+        --n-questions 2 --pairs 1 --budget-minutes 3.5 --all-exact   # a 2-core CPU
     python benchmarks/audit_plan.py --shape llama-3-8b --tokenizer TOKENIZER_DIR \\
         --device cuda --dtype bfloat16 --n-questions 40 --pairs 10 --budget-minutes 2 \\
         --compare-top-k 32 --compare-questions 4 --profile       # one H200
