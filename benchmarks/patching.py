@@ -116,7 +116,8 @@ def load(args) -> tuple[torch.nn.Module, Anatomy, list[Prompt], list[int]]:
     questions = sample_questions(load_questions(resolve("mmlu", "questions")), 200, 0)
     questions = sorted(questions, key=lambda q: len(q.question) + sum(map(len, q.options)))
     prompts = []
-    for q in questions[len(questions) // 2:][: args.pairs]:  # mid-length questions
+    args.audit_inputs = (loaded, questions[len(questions) // 2:][: args.pairs])
+    for q in args.audit_inputs[1]:  # mid-length questions
         ap = builder.pair("a Black person", "a White person", q)
         prompts.append(Prompt(list(ap.clean_ids), list(ap.corrupt_ids), list(ap.identity)))
     return loaded.model, loaded.anatomy, prompts, list(builder.option_ids())
@@ -440,6 +441,29 @@ def report(errors: list[Error], engines: Sequence[str], slack: float, reference:
     return ok
 
 
+def audit_line(args, prompts: list[Prompt], t_engine: float) -> None:
+    """Time `run_audit`'s patching stage on the benchmark's own questions, pair and sweeps
+    (screen, bootstrap and attention off), beside the engine's time on the same prompts."""
+    from governance.audit.run import run_audit
+    from governance.audit.spec import AuditSpec
+
+    if getattr(args, "audit_inputs", None) is None:
+        print("--audit needs --model: a random-weight --shape has no questions or tokenizer")
+        return
+    loaded, questions = args.audit_inputs
+    spec = AuditSpec(n_questions=None, pairs=[("a Black person", "a White person")],
+                     noise_floor=False, components=tuple(args.sweeps), bootstrap=0,
+                     attention=False)
+    result = run_audit(loaded, spec, questions=questions, chunk_rows=args.chunk_rows,
+                       progress=False)
+    same = sorted(tuple(p["corrupt_ids"]) for p in result.prompts) == sorted(
+        tuple(p.corrupt) for p in prompts)
+    t_audit = result.meta["timings_s"]["patching"]
+    print(f"audit (run_audit) patching stage {t_audit:9.2f} s on "
+          f"{'the same' if same else 'DIFFERENT'} {len(result.prompts)} prompt pairs: "
+          f"{t_audit / t_engine:.2f}x the engine's {t_engine:.2f} s")
+
+
 def main(argv: list[str] | None = None, *, engine_error: float = 0.0) -> int:
     """Run the benchmark; 0 if its checks pass, 1 if not. `engine_error` is added to the
     first option's patched logit of the engine's results before they are checked (a seam for
@@ -476,6 +500,9 @@ def main(argv: list[str] | None = None, *, engine_error: float = 0.0) -> int:
                         help="do not time the engine on the model's own layers with hooks")
     parser.add_argument("--skip-baseline", action="store_true",
                         help="time only the engine and the screen")
+    parser.add_argument("--audit", action="store_true",
+                        help="also time the audit's own path (run_audit) on the same questions, "
+                        "pair and sweeps (with --model)")
     parser.add_argument("--baseline-prompts", type=int,
                         help="run the baseline on this many prompts and scale its time")
     args = parser.parse_args(argv)
@@ -537,6 +564,9 @@ def main(argv: list[str] | None = None, *, engine_error: float = 0.0) -> int:
             agree = agreement(s_atp[idx], s_ours[idx], k=20)
             print(f"  agreement on {label:<11}: spearman {agree['spearman']:.3f}, recall@20 of "
                   f"the exact top-20 {agree['recall_at_20']:.2f} (n={int(agree['n'])})")
+
+    if args.audit:
+        audit_line(args, prompts, t_ours)
 
     # The engine with the model cast to each other dtype asked for, once, on every patch that
     # is compared: the sweeps, and in low precision the head sweep TransformerLens runs.

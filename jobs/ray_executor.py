@@ -56,14 +56,16 @@ def _shard_task(job: dict[str, Any], index: int, count: int,
     return partial.to_bytes()
 
 
-def _screen_task(job: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """In a Ray worker: the AtP screen of every pair over all questions, as plain data."""
-    from governance.audit.shards import screen_pairs
+def _screen_task(job: dict[str, Any], workers: int) -> dict[str, dict[str, Any]]:
+    """In a Ray worker: the AtP screen of every pair over all questions (with a budget, the
+    plan's choice for `workers` shards), as plain data."""
+    from governance.audit.shards import choose_patches
     from governance.audit.spec import AuditSpec
     from jobs.isolation import load_job_model
 
     audit_job = AuditJob(**job)
-    screen = screen_pairs(load_job_model(audit_job), AuditSpec.model_validate(audit_job.spec))
+    screen = choose_patches(load_job_model(audit_job), AuditSpec.model_validate(audit_job.spec),
+                            workers=workers)
     return {label: choice.to_json() for label, choice in screen.items()}
 
 
@@ -108,7 +110,7 @@ class RayExecutor:
         screen = None
         chosen = None
         if job.spec.get("screen") == "atp" and count > 1:
-            ref = self._screen.options(name=f"screen {what}").remote(plain)
+            ref = self._screen.options(name=f"screen {what}").remote(plain, count)
             raw = self._wait([ref], deadline, what)[0]
             screen = {k: ScreenChoice.from_json(v) for k, v in raw.items()}
             chosen = {k: v["chosen"] for k, v in raw.items()}

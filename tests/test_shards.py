@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from governance.audit.result import AuditResult
-from governance.audit.shards import AuditPartial, Shard, merge, run_shard, screen_pairs
+from governance.audit.shards import AuditPartial, Shard, choose_patches, merge, run_shard
 from governance.errors import ConfigError, GovernanceError
 
 from support.audits import TINY_SOURCE, TINY_SPEC, run_tiny_audit
@@ -68,7 +68,7 @@ def test_screened_shards_patch_what_the_screen_chose_on_all_questions(tokenizer,
     one = run_tiny_audit(tokenizer, spec, TINY_SOURCE)
     with pytest.raises(ConfigError, match="screen runs once"):
         run_shard(loaded, spec, Shard(0, 2), questions=questions, progress=False)
-    screen = screen_pairs(loaded, spec, inputs=_inputs(spec, questions))
+    screen = choose_patches(loaded, spec, inputs=_inputs(spec, questions))
     chosen = {label: c.chosen for label, c in screen.items()}
     merged = merge(_shards(loaded, spec, questions, 3, chosen=chosen), screen=screen)
     assert merged.scores.groupby(["clean_persona", "component"]).size().max() == 2

@@ -22,10 +22,11 @@ import numpy as np
 import pandas as pd
 
 from governance import __version__
+from governance.audit.plan import patch_within_budget
 from governance.audit.result import AuditResult
 from governance.audit.screen import (
-    atp_estimates,
     screen_agreement,
+    screen_pairs,
     screen_rows,
     screen_table,
     top_k,
@@ -143,27 +144,21 @@ def run_audit(
 
     engine = PatchingEngine(loaded.model, loaded.anatomy, chunk_rows=chunk_rows)
     bar = _progress(len(aligned) * len(qs), "patching", progress)
-    runs: dict[PersonaPair, PairScores] = {}
-    screens: list[pd.DataFrame] = []
     t1 = time.perf_counter()
-    for pair, prompts in aligned.items():
-        chosen = patches
-        estimate = None
+    plan = None
+    estimates: dict[PersonaPair, np.ndarray] = {}
+    if spec.budget_minutes is not None:
+        runs, estimates, plan = patch_within_budget(
+            loaded, engine, aligned, patches, option_ids, spec.budget_minutes * 60,
+            lambda chosen: _verify(engine, aligned, chosen, option_ids, bar))
+    else:
+        chosen = dict.fromkeys(aligned, patches)
         if spec.screen == "atp":
-            estimate = atp_estimates(loaded, prompts, patches, option_ids)
-            chosen = top_k(patches, estimate, spec.exact_top_k)
-        clean, corrupt, patched = [], [], []
-        queued = (engine.run(ap.clean_ids, ap.corrupt_ids, ap.identity, chosen, option_ids)
-                  for ap in prompts)
-        for run in _one_ahead(queued):
-            clean.append(run.clean.cpu().numpy())
-            corrupt.append(run.corrupt.cpu().numpy())
-            patched.append(run.patched.cpu().numpy())
-            bar.update(1)
-        runs[pair] = PairScores(chosen, np.stack(patched, axis=1), np.stack(clean),
-                                 np.stack(corrupt))
-        if estimate is not None:
-            screens.append(screen_rows(pair, patches, estimate))
+            estimates = screen_pairs(loaded, aligned, patches, option_ids)
+            chosen = {pair: top_k(patches, estimates[pair], spec.exact_top_k)
+                      for pair in aligned}
+        runs = _verify(engine, aligned, chosen, option_ids, bar)
+    screens = [screen_rows(pair, patches, estimates[pair]) for pair in estimates]
     bar.close()
     timings["patching"] = time.perf_counter() - t1
 
@@ -217,7 +212,31 @@ def run_audit(
     ]
     if not screen.empty:
         meta["screen_agreement"] = screen_agreement(screen)
+    if plan is not None:
+        meta["plan"] = plan.to_dict()
     return AuditResult(scores, attention, behaviour, pairs_frame, meta, prompts, screen)
+
+
+def _verify(engine, aligned: dict[PersonaPair, list], chosen: dict[PersonaPair, list],
+            option_ids, bar) -> dict[PersonaPair, PairScores]:
+    """Exact patching of each pair's `chosen` patches on its questions, queued as one stream
+    across pairs (`_one_ahead`), so the host never waits for the device between pairs."""
+    chosen = {pair: patches for pair, patches in chosen.items() if patches}
+    n = sum(len(aligned[pair]) for pair in chosen)
+    if bar.n + n > bar.total:  # a plan's second pass
+        bar.total = bar.n + n
+    queued = ((pair, engine.run(ap.clean_ids, ap.corrupt_ids, ap.identity, chosen[pair],
+                                option_ids))
+              for pair in chosen for ap in aligned[pair])
+    out: dict[PersonaPair, tuple[list, list, list]] = {pair: ([], [], []) for pair in chosen}
+    for pair, run in _one_ahead(queued):
+        clean, corrupt, patched = out[pair]
+        clean.append(run.clean.cpu().numpy())
+        corrupt.append(run.corrupt.cpu().numpy())
+        patched.append(run.patched.cpu().numpy())
+        bar.update(1)
+    return {pair: PairScores(list(chosen[pair]), np.stack(p, axis=1), np.stack(c), np.stack(k))
+            for pair, (c, k, p) in out.items()}
 
 
 def _progress(total: int, desc: str, enabled: bool):

@@ -11,14 +11,22 @@ from governance.audit.result import SCREEN_COLUMNS
 from governance.inputs.personas import PersonaPair
 
 
-def atp_estimates(loaded, prompts, patches, option_ids) -> np.ndarray:
-    """AtP-estimated restoration score of every patch for one pair (never exact)."""
+def screen_pairs(loaded, aligned: dict[PersonaPair, list], patches,
+                 option_ids) -> dict[PersonaPair, np.ndarray]:
+    """AtP-estimated restoration score of every patch (never exact), per pair. All pairs'
+    prompts are screened as one list: on a GPU the batches fill across pairs instead of
+    ending at each pair's last question."""
     from governance.patching.attribution import atp_screen, screen_scores
 
-    nums, dens = atp_screen(loaded.model, loaded.anatomy,
-                            [(ap.clean_ids, ap.corrupt_ids, ap.identity) for ap in prompts],
-                            patches, option_ids)
-    return screen_scores(nums, dens)
+    triples = [(ap.clean_ids, ap.corrupt_ids, ap.identity)
+               for prompts in aligned.values() for ap in prompts]
+    nums, dens = atp_screen(loaded.model, loaded.anatomy, triples, patches, option_ids)
+    out, start = {}, 0
+    for pair, prompts in aligned.items():
+        stop = start + len(prompts)
+        out[pair] = screen_scores(nums[start:stop], dens[start:stop])
+        start = stop
+    return out
 
 
 def top_k(patches, estimate: np.ndarray, k: int | None) -> list:

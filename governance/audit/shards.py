@@ -13,7 +13,7 @@ as far as its kernels give the same numbers for the same question run twice.
 
 A shard holds the questions at positions `index, index + count, ...` of the sampled list:
 stable night to night, and each shard gets a share of every subject. With `screen: atp` the
-screen ranks patches over all questions, so it runs once (`screen_pairs`) and every shard
+screen ranks patches over all questions, so it runs once (`choose_patches`) and every shard
 patches the same `chosen` patches; a shard never screens on its own questions.
 
 `AuditPartial.to_bytes()` / `from_bytes()` carry a shard between processes as JSON and a
@@ -188,22 +188,33 @@ def patch_from(row: Sequence[Any]) -> Any:
     return Patch(row[0], int(row[1]), row[2], None if row[3] is None else int(row[3]))
 
 
-def screen_pairs(model: Any, spec: AuditSpec, *, inputs: Inputs | None = None,
-                 device: str | None = None, dtype: str | None = None
-                 ) -> dict[str, ScreenChoice]:
-    """The AtP screen of every aligned pair over all of `spec`'s questions: run once, then
-    every shard patches `{label: choice.chosen}` exactly."""
-    from governance.audit.screen import atp_estimates, top_k
+def choose_patches(model: Any, spec: AuditSpec, *, inputs: Inputs | None = None,
+                   device: str | None = None, dtype: str | None = None, workers: int = 1
+                   ) -> dict[str, ScreenChoice]:
+    """The AtP screen of every aligned pair over all of `spec`'s questions, run once; every
+    shard then patches `{label: choice.chosen}` exactly. The top `exact_top_k` of each sweep,
+    or with `budget_minutes` the plan's first pass for `workers` devices like this one
+    (widening after the exact pass needs all questions in one process, so it is skipped)."""
+    from governance.audit.screen import screen_pairs, top_k
 
     inputs = inputs or prepare(spec)
     loaded, builder, patches = _setup(model, spec, inputs, device, dtype)
     aligned, _ = _align(builder, inputs.pairs, inputs.questions, spec)
-    out = {}
-    for pair, prompts in aligned.items():
-        estimate = atp_estimates(loaded, prompts, patches, builder.option_ids())
-        out[pair.label] = ScreenChoice(patches, estimate,
-                                       top_k(patches, estimate, spec.exact_top_k))
-    return out
+    option_ids = builder.option_ids()
+    if spec.budget_minutes is not None:
+        from governance.audit.plan import plan_first_pass
+        from governance.patching.engine import PatchingEngine
+
+        engine = PatchingEngine(loaded.model, loaded.anatomy)
+        first = plan_first_pass(loaded, engine, aligned, patches, option_ids,
+                                spec.budget_minutes * 60, workers=workers)
+        picked = first.chosen_patches(patches)
+        return {pair.label: ScreenChoice(patches, first.estimates[pair], picked[pair.label])
+                for pair in aligned}
+    estimates = screen_pairs(loaded, aligned, patches, option_ids)
+    return {pair.label: ScreenChoice(patches, estimates[pair],
+                                     top_k(patches, estimates[pair], spec.exact_top_k))
+            for pair in aligned}
 
 
 def run_shard(
@@ -221,7 +232,7 @@ def run_shard(
 ) -> AuditPartial:
     """Audit the questions of `shard` and return their raw numbers (`merge` builds the
     tables). `chosen[pair label]` lists the patches to run exactly for that pair (from
-    `screen_pairs`, or a plan); without it every patch of the spec's sweeps runs. With
+    `choose_patches`); without it every patch of the spec's sweeps runs. With
     `screen: atp` and more than one shard, `chosen` is required: a screen on part of the
     questions would pick different patches in every shard."""
     from governance.audit.run import _one_ahead, _progress, _versions
@@ -233,11 +244,11 @@ def run_shard(
     if spec.screen == "atp" and chosen is None:
         if shard.count > 1:
             raise ConfigError("with screen: atp the screen runs once over all questions: pass "
-                              "`chosen` from screen_pairs(model, spec) to every shard")
+                              "`chosen` from choose_patches(model, spec) to every shard")
     loaded, builder, patches = _setup(model, spec, inputs, device, dtype)
     own_screen: dict[str, ScreenChoice] = {}
     if spec.screen == "atp" and chosen is None:
-        own_screen = screen_pairs(loaded, spec, inputs=inputs)
+        own_screen = choose_patches(loaded, spec, inputs=inputs)
         chosen = {k: c.chosen for k, c in own_screen.items()}
     qs = [inputs.questions[i] for i in positions]
     option_ids = builder.option_ids()
@@ -377,7 +388,7 @@ def _persona_rows(loaded, builder, inputs, qs, spec, progress):
 def merge(partials: Sequence[AuditPartial],
           screen: Mapping[str, ScreenChoice] | None = None) -> AuditResult:
     """The audit of all shards' questions, as one `run_audit` would have produced it.
-    `screen` (from `screen_pairs`) adds the screen table and its agreement. Refuses shards
+    `screen` (from `choose_patches`) adds the screen table and its agreement. Refuses shards
     that do not belong together (another spec, model or patch set, a missing or repeated
     shard)."""
     from governance.audit.screen import screen_agreement, screen_rows, screen_table

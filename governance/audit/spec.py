@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from governance.errors import ConfigError, format_validation_error
 from governance.files import read_yaml_mapping
@@ -72,6 +79,25 @@ class AuditSpec(BaseModel):
     exact_top_k: int | None = Field(
         None, gt=0, description="with screen atp: exact-patch only the top k of each sweep"
     )
+    budget_minutes: float | None = Field(
+        None, gt=0, description="with screen atp: choose k per sweep so that patching fits "
+        "this many minutes on the device it runs on (governance/audit/plan.py)"
+    )
+
+    @model_validator(mode="after")
+    def _screen_options(self) -> AuditSpec:
+        if self.budget_minutes is not None and self.exact_top_k is not None:
+            raise ValueError(
+                f"budget_minutes ({self.budget_minutes}) and exact_top_k ({self.exact_top_k}) "
+                "both choose how many patches to verify: give one of them"
+            )
+        for name in ("budget_minutes", "exact_top_k"):
+            if getattr(self, name) is not None and self.screen != "atp":
+                raise ValueError(
+                    f"{name} needs `screen: atp` (the screen ranks the patches it picks "
+                    f"from), but screen is {self.screen!r}"
+                )
+        return self
 
     @field_validator("components")
     @classmethod
@@ -125,6 +151,8 @@ def spec_hash(spec: AuditSpec, catalogue: PersonaCatalogue, questions_sha: str |
     body = spec.model_dump(mode="json")
     body.pop("questions", None)  # the file's content counts, not where it lies
     body.pop("personas", None)
+    if body.get("budget_minutes") is None:  # unset: not hashed, so stored audits stay comparable
+        body.pop("budget_minutes", None)
     return _sha256_json(
         {"spec": body, "catalogue": catalogue.to_dict(), "questions": questions_sha}
     )

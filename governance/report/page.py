@@ -214,6 +214,8 @@ def _audit_sections(result: AuditResult, images: dict[str, bytes]) -> str:
              "floor_ratio compares it with the paraphrase pair; above_floor needs the "
              "bootstrap interval of the difference to exclude zero.</p>",
              table_html(result.pairs)]
+    if meta.get("plan"):
+        parts += _plan_section(meta["plan"])
     if "heads" in images:
         parts += ["<h2>Per-head restoration scores</h2>", _img(images["heads"], "heads")]
         top = pd.concat([result.top_heads(10, p).assign(positions=p) for p in ("all", "last")])
@@ -223,6 +225,25 @@ def _audit_sections(result: AuditResult, images: dict[str, bytes]) -> str:
     if "attention" in images:
         parts += ["<h2>Attention to identity tokens</h2>", _img(images["attention"], "attention")]
     return "".join(parts)
+
+
+def _plan_section(plan: dict[str, Any]) -> list[str]:
+    """What the budget plan estimated and what it verified exactly, per sweep."""
+    agree = plan.get("agreement", {}) or {}
+    rows = [{"sweep": s, "k exact": k, "patches": plan["sweep_sizes"].get(s),
+             "k first pass": plan["k_first_pass"].get(s), "widened": s in plan["widened"],
+             "screen spearman": agree.get(s, {}).get("spearman"),
+             "screen recall": agree.get(s, {}).get("recall")}
+            for s, k in plan["k"].items()]
+    over = " It ran over its budget." if plan.get("over_budget") else ""
+    return ["<h2>Audit plan: estimated and exact</h2>",
+            f'<p class="note">Budget {_fmt(plan["budget_s"] / 60)} min. Every patch was '
+            f"estimated by the AtP screen ({_fmt(plan['screen_s'])} s); only the top k of each "
+            f"sweep per pair was patched exactly ({plan['exact_patches']} patch-pairs, "
+            f"estimated {_fmt(plan['estimated_exact_s'])} s, took "
+            f"{_fmt(plan['actual_exact_s'])} s). {plan['skipped_patches']} patch-pairs have "
+            f"an estimate only (screen.csv) and no exact score.{over}</p>",
+            table_html(pd.DataFrame(rows))]
 
 
 def _provenance_section(meta: dict[str, Any]) -> str:
