@@ -108,3 +108,21 @@ def test_more_shards_than_questions_is_refused():
     with pytest.raises(ConfigError, match="at most 3 shards"):
         Shard(0, 4).positions(3)
 
+
+
+def test_budgeted_shards_patch_the_plans_first_choice(loaded, questions):
+    # with budget_minutes the plan's first pass (for as many devices as shards) picks the
+    # exact patches once, here under a budget too small for more than the minimum of one
+    # patch per sweep; every shard patches exactly those
+    spec = TINY_SPEC.with_overrides(screen="atp", budget_minutes=1e-4, bootstrap=10,
+                                    attention=False, components=("mlp_out:identity",
+                                                                 "head:last"))
+    screen = choose_patches(loaded, spec, inputs=_inputs(spec, questions), workers=2)
+    chosen = {label: c.chosen for label, c in screen.items()}
+    for choice in screen.values():
+        sweeps = {(p.component, p.positions) for p in choice.chosen}
+        assert sweeps == {("mlp_out", "identity"), ("head", "last")}
+        assert len(choice.chosen) < len(choice.patches)
+    merged = merge(_shards(loaded, spec, questions, 2, chosen=chosen), screen=screen)
+    got = sorted(merged.scores.groupby(["clean_persona", "corrupt_persona"]).size())
+    assert got == sorted(len(c.chosen) for c in screen.values())
