@@ -82,7 +82,8 @@ class MitigationResult:
         base = c[c["selection"] == "none"].iloc[0]
         split = self.meta.get("split", {})
         lines = [
-            f"model {self.meta.get('model', {}).get('source')}  method {self.meta['spec']['method']}"
+            f"model {self.meta.get('model', {}).get('source')}  "
+            f"method {self.meta['spec']['method']}"
             f"  held-out questions {split.get('n_heldout')} (ranking: "
             f"{len(split.get('ranking_question_ids', []))})",
             f"unablated: persona shift {base['shift']:.4f}, noise floor {base['floor_shift']:.4f}"

@@ -91,7 +91,7 @@ def conditions_for(spec: MitigationSpec, ranking: pd.DataFrame) -> list[Conditio
 def run_mitigation(
     model: Any,
     audit: AuditResult,
-    spec: MitigationSpec = MitigationSpec(),
+    spec: MitigationSpec | None = None,
     *,
     questions: list[Question] | str | None = None,
     device: str | None = None,
@@ -117,6 +117,7 @@ def run_mitigation(
     )
     from governance.models.loading import LoadedModel, load_model
 
+    spec = spec or MitigationSpec()
     t0 = time.perf_counter()
     ranking = rank_components(audit.scores, audit.pairs, spec)
     conditions = conditions_for(spec, ranking)

@@ -68,7 +68,8 @@ def components_of(ranking: pd.DataFrame) -> list[Component]:
             for r in ranking.itertuples()]
 
 
-def random_orders(candidates: list[Component], seeds: tuple[int, ...]) -> dict[int, list[Component]]:
+def random_orders(candidates: list[Component],
+                  seeds: tuple[int, ...]) -> dict[int, list[Component]]:
     """Per seed, every candidate in a random order: its first k are that seed's random k
     (nested, like the flagged top k)."""
     out = {}
