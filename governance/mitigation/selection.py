@@ -37,13 +37,16 @@ def rank_positions(scores: pd.DataFrame, spec: MitigationSpec) -> str:
 def rank_components(scores: pd.DataFrame, pairs: pd.DataFrame,
                     spec: MitigationSpec) -> pd.DataFrame:
     """Candidates (rank, component, layer, head, positions, score), the highest mean
-    restoration score over the audit's persona pairs first. Raises ConfigError when the audit
+    restoration score over the audit's persona pairs (the spec's, if it names some) first. Raises ConfigError when the audit
     scored none of the spec's components at those positions."""
     positions = rank_positions(scores, spec)
     floor = pairs.loc[pairs["kind"] == "noise_floor", ["clean_persona", "corrupt_persona"]]
     floor_keys = set(map(tuple, floor.to_numpy()))
+    pair_keys = scores[["clean_persona", "corrupt_persona"]].apply(tuple, axis=1)
     keep = (scores["component"].isin(spec.components) & (scores["positions"] == positions)
-            & ~scores[["clean_persona", "corrupt_persona"]].apply(tuple, axis=1).isin(floor_keys))
+            & ~pair_keys.isin(floor_keys))
+    if spec.pairs:  # rank by the measured pairs only
+        keep &= pair_keys.isin({tuple(p) for p in spec.pairs})
     chosen = scores[keep]
     if chosen.empty:
         have = sorted(set(scores["component"] + ":" + scores["positions"]))

@@ -6,6 +6,7 @@ the noise floor) and the report page's section.
 from __future__ import annotations
 
 import html
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pandas as pd
@@ -83,3 +84,21 @@ def mitigation_section(result: MitigationResult, png: bytes | None = None) -> st
     parts += [table_html(result.flagged_vs_random()),
               "<h3>Components switched off</h3>", table_html(result.selections, limit=60)]
     return "".join(parts)
+
+
+def render_mitigation_page(result: MitigationResult, out_path) -> Path:
+    """A self-contained HTML page of the what-if (the report page's section on its own),
+    with the trade-off PNG (`<stem>_tradeoff.png`) beside it; returns the HTML path."""
+    from governance.plots import png_bytes
+    from governance.report.page import CSS
+
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    png = png_bytes(tradeoff_figure(result))
+    (out.parent / f"{out.stem}_tradeoff.png").write_bytes(png)
+    title = f"Mitigation what-if: {result.meta.get('model', {}).get('source', '?')}"
+    out.write_text("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+                   f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
+                   f"<h1>{html.escape(title)}</h1>{mitigation_section(result, png)}"
+                   "</body></html>\n", encoding="utf-8")
+    return out
