@@ -37,8 +37,8 @@ def rank_positions(scores: pd.DataFrame, spec: MitigationSpec) -> str:
 def rank_components(scores: pd.DataFrame, pairs: pd.DataFrame,
                     spec: MitigationSpec) -> pd.DataFrame:
     """Candidates (rank, component, layer, head, positions, score), the highest mean
-    restoration score over the audit's persona pairs (the spec's, if it names some) first. Raises ConfigError when the audit
-    scored none of the spec's components at those positions."""
+    restoration score over the audit's persona pairs (the spec's, if it names some) first.
+    Raises ConfigError when the audit scored none of the spec's components there."""
     positions = rank_positions(scores, spec)
     floor = pairs.loc[pairs["kind"] == "noise_floor", ["clean_persona", "corrupt_persona"]]
     floor_keys = set(map(tuple, floor.to_numpy()))
