@@ -70,8 +70,15 @@ def _argv(store, out, *extra):
 
 @pytest.fixture(scope="module")
 def mitigated(store):
+    import yaml
+
+    from governance.judge.policy import DEFAULT_POLICY_PATH
+
+    policy = store["root"] / "policy.yaml"
+    raw = yaml.safe_load(DEFAULT_POLICY_PATH.read_text())
+    policy.write_text(yaml.safe_dump({**raw, "mitigation": {"localised": {"k": 1}}}))
     before = _digest(store["root"] / "model")
-    code = main(_argv(store, store["root"] / "out"))
+    code = main(_argv(store, store["root"] / "out", "--policy", str(policy)))
     return {"code": code, "weights_before": before}
 
 
@@ -84,6 +91,8 @@ def test_mitigate_writes_the_tradeoff_and_never_touches_the_model(store, mitigat
     assert set(result.meta["split"]["ranking_question_ids"]) == set(
         store["audit"].meta["question_ids"])
     assert result.meta["audit"]["source"] == f"runs:/{store['audit_run']}"
+    [finding] = result.meta["policy"]["findings"]  # the planted head: localised
+    assert finding["rule"] == "mitigation.localised" and finding["outcome"] == "warn"
 
 
 def test_mitigation_run_and_audit_run_link_both_ways(store, mitigated):

@@ -68,6 +68,10 @@ def add_cli(sub) -> None:
     p.add_argument("--random-seeds", nargs="+", type=int, metavar="SEED",
                    help="seeds of the random control (default: 0 1 2)")
     p.add_argument("--bootstrap", type=int, help="bootstrap resamples (default 1000)")
+    p.add_argument("--policy",
+                   help="policy YAML whose `mitigation` block judges the what-if (e.g. "
+                        "localised: the top 4 halve the shift at under a point of accuracy); "
+                        "its findings are printed and recorded; the exit code stays 0")
     p.add_argument("--out", help="output directory (new, empty, or an earlier what-if's)")
     p.add_argument("--tracking-uri",
                    help="MLflow tracking URI of a runs:/ audit (default: MLFLOW_TRACKING_URI)")
@@ -93,6 +97,15 @@ def _default_model(audit, run_tags: dict[str, str] | None) -> str:
     return str(source)
 
 
+def _mitigation_rules(path: str):
+    from governance.judge.policy import load_policy
+
+    policy = load_policy(path)
+    if policy.mitigation is None:
+        raise ConfigError(f"policy {path} has no `mitigation` block to judge the what-if by")
+    return policy.mitigation
+
+
 def _cmd_mitigate(args: argparse.Namespace) -> int:
     from governance.mitigation import MitigationSpec, run_mitigation
     from governance.models.loading import load_model, resolve_model
@@ -113,6 +126,7 @@ def _cmd_mitigate(args: argparse.Namespace) -> int:
                           "which is logged to MLflow)")
     if args.out:
         check_replaceable(args.out, "mitigation.json", "mitigation what-if")  # before any work
+    rules = _mitigation_rules(args.policy) if args.policy else None
     client, run_tags, audit_run_id = None, None, None
     if from_run:
         from mlflow import MlflowClient
@@ -129,6 +143,13 @@ def _cmd_mitigate(args: argparse.Namespace) -> int:
                             chunk_rows=args.chunk_rows, progress=not args.no_progress,
                             audit_source=args.audit)
     print(result.summary())
+    if rules is not None:
+        findings = rules.check(result.curve)
+        result.meta["policy"] = {"path": args.policy,
+                                 "findings": [f.__dict__ for f in findings]}
+        print("\npolicy (mitigation block):")
+        for f in findings:
+            print(f"  {f.outcome:<5} {f.rule} {f.scope}: {f.evidence}")
     if args.out:
         out = result.save(args.out)
         print(f"\nwrote {out}/ (effects.csv, curve.csv, selections.csv, mitigation.json)")
