@@ -2,10 +2,11 @@
 
 An ablation replaces a component's output at every position with a fixed value: its mean over
 the no-persona run of the ranking questions (`mean_values`), zero, or one ranking question's
-mean (resample). It is an edit of a site's tensor, like a patch of the patching engine, applied
-through the same hooks (`governance.patching.sites.hooked`, removed on every path): each
-ablation set is one row of a batched forward of one prompt, and a row whose set is empty is the
-unablated model. No weight of the model changes.
+mean (resample). It is an edit of a site's tensor, like a patch, and runs through the
+patching engine (`PatchingEngine.run_edits`: the same hooks, removed on every path, and the
+same resumed rows): each ablation set is one row of a batched forward of one prompt, starting
+at its first ablated layer; a row whose set is empty is the unablated model. No weight of the
+model changes.
 
 Shapes: `pos` the prompt's length, `rows` the ablation sets of one forward; a head site's
 tensor is (rows, pos, head, d_head), every other site's (rows, pos, d_model).
@@ -20,7 +21,7 @@ from torch import nn
 
 from governance.mitigation.spec import Component
 from governance.models.architectures import Anatomy
-from governance.patching.sites import Edit, Site, capture, hooked, last_logits
+from governance.patching.sites import Edit, Site, capture
 
 # per site: the value ablated components take, (d_model,); for heads (head, d_head)
 Values = dict[Site, torch.Tensor]
@@ -74,10 +75,13 @@ def zero_values(anatomy: Anatomy, sites: Sequence[Site], device: torch.device) -
 
 def ablation_edit(mask: torch.Tensor, value: torch.Tensor) -> Edit:
     """Rows where `mask` is set take `value` at every position. Heads: mask (rows, head),
-    value (head, d_head); else mask (rows,), value (d_model,)."""
+    value (head, d_head); else mask (rows,), value (d_model,). The tensor edited may hold
+    only the first rows (those a resumed batch has started)."""
 
-    def edit(x: torch.Tensor) -> torch.Tensor:  # (rows, pos, head, d_head) or (rows, pos, d)
-        m = mask[:, None, :, None] if mask.dim() == 2 else mask[:, None, None]
+    def edit(x: torch.Tensor) -> torch.Tensor:  # (active, pos, head, d_head) or (active, pos, d)
+        # resumed rows join in layer order: the active rows are the batch's first ones
+        m = mask[:x.shape[0]]
+        m = m[:, None, :, None] if m.dim() == 2 else m[:, None, None]
         return torch.where(m, value.to(x.dtype), x)  # a new tensor: hooks never edit in place
 
     return edit
@@ -100,21 +104,27 @@ def row_edits(rows: Sequence[Collection[Component]], values: Values, anatomy: An
     return {s: ablation_edit(m.to(device), values[s]) for s, m in masks.items()}
 
 
-@torch.inference_mode()
 def ablated_logits(model: nn.Module, anatomy: Anatomy, ids: Sequence[int],
                    rows: Sequence[Collection[Component]], values: Values,
                    option_ids: Sequence[int], chunk_rows: int = 32) -> torch.Tensor:
     """Option logits at the last position of prompt `ids` under each row's ablation set,
-    (n_rows, n_options) fp32 on the host; chunks of `chunk_rows` rows per forward."""
+    (n_rows, n_options) fp32 on the host. Through the patching engine's resumed rows
+    (`PatchingEngine.run_edits`): each row starts at its first ablated layer from the
+    unablated run's residual stream there, `chunk_rows` rows per forward; an empty set is the
+    unablated run itself."""
+    from governance.patching.engine import PatchingEngine
+
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
     device = next(model.parameters()).device
-    prompt = torch.tensor([list(ids)], device=device)  # (1, pos)
-    options = torch.tensor(list(option_ids), device=device)
-    out = []
-    for start in range(0, len(rows), chunk_rows):
-        chunk = rows[start:start + chunk_rows]
-        with hooked(model, anatomy, row_edits(chunk, values, anatomy, device)):
-            logits = last_logits(model, prompt.expand(len(chunk), prompt.shape[1]))
-        out.append(logits[:, options].float().cpu())  # (rows, n_options)
-    return torch.cat(out)
+    order = sorted((r for r in range(len(rows)) if rows[r]),
+                   key=lambda r: min(c.layer for c in rows[r]))
+    chunks = [order[i:i + chunk_rows] for i in range(0, len(order), chunk_rows)]
+    batches = [([min(c.layer for c in rows[r]) for r in chunk],
+                row_edits([rows[r] for r in chunk], values, anatomy, device)) for chunk in chunks]
+    engine = PatchingEngine(model, anatomy, chunk_rows, fused=False)
+    base, logits = engine.run_edits(ids, batches, option_ids)
+    out = base.cpu().expand(len(rows), -1).clone()  # (rows, n_options)
+    for chunk, part in zip(chunks, logits, strict=True):
+        out[chunk] = part.cpu()
+    return out
