@@ -86,6 +86,8 @@ def test_mitigate_writes_the_tradeoff_and_never_touches_the_model(store, mitigat
     assert mitigated["code"] == 0
     assert _digest(store["root"] / "model") == mitigated["weights_before"]
     result = MitigationResult.load(store["root"] / "out")
+    assert (store["root"] / "out" / "mitigation_tradeoff.png").stat().st_size > 1000
+    assert "Mitigation what-if" in (store["root"] / "out" / "mitigation.html").read_text()
     flagged = result.curve[result.curve["selection"] == "flagged"]
     assert (flagged["shift_ratio"] < 1e-4).all()  # the planted head carries all of it
     assert set(result.meta["split"]["ranking_question_ids"]) == set(

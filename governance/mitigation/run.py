@@ -100,10 +100,11 @@ def run_mitigation(
     progress: bool = True,
     audit_source: str | None = None,
 ) -> MitigationResult:
-    """Switch off the audit's top-ranked components in `model` (a LoadedModel or a source
-    `load_model` accepts) and measure, on held-out questions of `questions` (default: the
-    audit's question set), what it does to the persona pairs and to accuracy, beside the same
-    number of random components. The model's weights are never changed."""
+    """Switch off the audit's top-ranked components in `model` (a LoadedModel, a source
+    `load_model` accepts, or a pinned model asset's name) and measure, on held-out questions
+    of `questions` (default: the audit's question set), what it does to the persona pairs
+    and to accuracy, beside the same number of random components. The model's weights are
+    never changed."""
     import torch
 
     from governance.inputs.prompts import PromptBuilder, PromptFormat
@@ -115,7 +116,7 @@ def run_mitigation(
         sites_of,
         zero_values,
     )
-    from governance.models.loading import LoadedModel, load_model
+    from governance.models.loading import LoadedModel, load_model, resolve_model
 
     spec = spec or MitigationSpec()
     t0 = time.perf_counter()
@@ -129,8 +130,8 @@ def run_mitigation(
         raise ConfigError("none of the audit's questions is in the question set, so there is no "
                           "no-persona run to take mean or resampled values from: pass the audit's "
                           "question set (--questions) or --method zero")
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device,
-                                                                      dtype=dtype)
+    loaded = (model if isinstance(model, LoadedModel)
+              else load_model(resolve_model(str(model)), device=device, dtype=dtype))
     used = sorted({c for cond in conditions for c in cond.components})
     try:
         check_components(used, loaded.anatomy)

@@ -37,8 +37,8 @@ def add_cli(sub) -> None:
             "accuracy, each with a bootstrap 95% interval and its change against the unablated "
             "model), curve.csv (the trade-off per condition), selections.csv (which components "
             "each selection switched off), mitigation.json (spec, model, the ranking/held-out "
-            "question split), and with MLflow a run linked to the audit run with the trade-off "
-            "PNG and an HTML page."
+            "question split), mitigation.html + mitigation_tradeoff.png (the trade-off curve), "
+            "and with MLflow a run linked to the audit run holding the same."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -151,8 +151,12 @@ def _cmd_mitigate(args: argparse.Namespace) -> int:
         for f in findings:
             print(f"  {f.outcome:<5} {f.rule} {f.scope}: {f.evidence}")
     if args.out:
+        from governance.report.mitigation import render_mitigation_page
+
         out = result.save(args.out)
-        print(f"\nwrote {out}/ (effects.csv, curve.csv, selections.csv, mitigation.json)")
+        render_mitigation_page(result, out / "mitigation.html")
+        print(f"\nwrote {out}/ (effects.csv, curve.csv, selections.csv, mitigation.json, "
+              "mitigation.html, mitigation_tradeoff.png)")
     if log_run:
         from governance.tracking.mitigation import log_mitigation
 
