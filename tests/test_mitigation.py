@@ -242,3 +242,14 @@ def test_ablating_the_demo_plant_moves_v2_back_toward_v1(tokenizer, method):
     assert v2_off < v1_shift < v2_shift  # ...switching the head off undoes that and more
     gap = abs(v2_off - v1_off)
     assert gap < (1e-6 if method == "zero" else v2_shift - v1_shift)
+
+
+def test_report_page_has_the_what_if_section(planted, tmp_path):
+    from governance.report.page import render_report
+
+    _, audit, result = planted
+    page = render_report(audit, tmp_path / "report.html", mitigation=result).read_text()
+    assert "<h2>Mitigation what-if</h2>" in page
+    assert f"L{PLANTED[0]}.H{PLANTED[1]}" in page  # the flagged head, in the selections table
+    assert (tmp_path / "report_mitigation.png").stat().st_size > 1000
+    assert "Mitigation what-if" not in render_report(audit, tmp_path / "plain.html").read_text()
