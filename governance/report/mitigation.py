@@ -82,6 +82,7 @@ def mitigation_section(result: MitigationResult, png: bytes | None = None) -> st
     if png is not None:
         parts.append(_img(png, "mitigation trade-off"))
     parts += [table_html(result.flagged_vs_random()),
+              "<h3>Every condition</h3>", table_html(result.curve),
               "<h3>Components switched off</h3>", table_html(result.selections, limit=60)]
     return "".join(parts)
 
