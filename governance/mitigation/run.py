@@ -181,8 +181,9 @@ def run_mitigation(
         "spec": spec.model_dump(mode="json"),
         "audit": {"source": audit_source, **audit.identity()},
         "model": loaded.identity,
-        "split": {**split.record(), "question_set": str(questions if isinstance(questions, str)
-                                                        else audit_spec.questions)},
+        "split": {**split.record(), "question_set": (
+            "a list given to run_mitigation" if isinstance(questions, list)
+            else str(questions or audit_spec.questions))},
         "resampled_ranking_index": resampled,
         "personas": personas,
         "ablated_positions": "all",
