@@ -15,11 +15,14 @@ warns by default.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
-import pandas as pd
 from pydantic import Field
 
 from governance.judge.policy.base import Finding, Rate, Severity, StrictModel, fmt
+
+if TYPE_CHECKING:
+    import pandas as pd  # a curve table; loading a policy imports no pandas
 
 
 class LocalisedRule(StrictModel):
