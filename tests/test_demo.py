@@ -28,7 +28,7 @@ def demo(tmp_path_factory, tokenizer):
         json.dumps({"question": f"Which number is prime, case {i}?", "answer_a": str(4 + i),
                     "answer_b": str(6 + i), "answer_c": str(7 + i), "answer_d": str(9 + i),
                     "correct_answer": "ABCD"[i % 4], "topic": ["math", "geo"][i % 2]}) + "\n"
-        for i in range(6)))
+        for i in range(12)))  # the audit samples 6; the mitigation what-if holds out the rest
     argv = ["demo", "--dir", str(root / "store"), "--model", str(model_dir), "--questions",
             str(questions), "--n-questions", "6", "--plant-layer", PLANT[0], "--plant-head",
             PLANT[1], "--plant-scale", PLANT[2]]
@@ -107,3 +107,21 @@ def test_second_run_reuses_everything(demo, capsys):
     assert "up-to-date" in out and "2 up-to-date" in out
     client = demo["client"]
     assert len(client.search_model_versions("name = 'persona-demo'")) == 2
+
+
+def test_mitigation_what_if_undoes_the_plant(demo):
+    """The demo's last step: v2's top-ranked head switched off on held-out questions, logged
+    as a run linked to v2's audit run, lowers v2's persona shift."""
+    import pandas as pd
+    from mlflow.artifacts import download_artifacts
+
+    client = demo["client"]
+    audit_run = client.get_model_version("persona-demo", "2").tags["persona_audit.run_id"]
+    [what_if] = client.get_run(audit_run).data.tags["persona_audit.mitigation_runs"].split(",")
+    assert client.get_run(what_if).data.tags["persona_mitigation.audit_run_id"] == audit_run
+    curve = pd.read_csv(download_artifacts(run_id=what_if, artifact_path="mitigation/curve.csv",
+                                           tracking_uri=client.tracking_uri))
+    flagged = curve[curve["selection"] == "flagged"].iloc[0]
+    assert flagged["components"] == f"L{PLANT[0]}.H{PLANT[1]}"
+    unablated = curve[curve["selection"] == "none"].iloc[0]
+    assert flagged["shift"] < unablated["shift"]

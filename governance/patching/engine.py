@@ -295,6 +295,29 @@ class PatchingEngine:
             patched = self._run_hooked(question)
         return PairRun(_pick(clean_logits[0], options), corrupt_kept, patched)
 
+    @torch.inference_mode()
+    def run_edits(
+        self,
+        ids: Sequence[int],
+        batches: Sequence[tuple[Sequence[int], dict[Site, Edit]]],
+        option_ids: Sequence[int] | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Rows of prompt `ids` under edits other than clean-value patches (ablations,
+        `governance.mitigation`), on the hooked path with resume: the prompt runs once
+        unedited, recording each layer's input; then each batch `(starts, edits)` runs one
+        row per start (ascending), row r resumed at layer starts[r] with `edits` applied.
+        Returns the unedited logits (n_logits,) and per batch (rows, n_logits), fp32."""
+        dev = self.device
+        options = None if option_ids is None else to_device(list(option_ids), dev)
+        inputs, logits = _record_layer_inputs(self.model, self.anatomy,
+                                              to_device([list(ids)], dev))  # (1, vocab)
+        rows = []
+        for starts, edits in batches:
+            if list(starts) != sorted(starts):
+                raise ValueError(f"rows must come in layer order, got starts {list(starts)}")
+            rows.append(self._resume(inputs, list(starts), edits, options))
+        return _pick(logits[0], options), rows
+
     def _record(self, clean: torch.Tensor, corrupt: torch.Tensor,
                 sites: list[Site]) -> _Recording:
         """The clean run of `clean` (1, pos), recording `sites`, and the corrupted run of

@@ -4,9 +4,10 @@
     render_report(result, "out/report.html", verdict=verdict, drift=drift)
 
 Order: verdict and failed rules first, then the noise floor, behaviour, pairs, the per-head
-heatmaps and per-layer curves, attention to identity, drift against the baseline, and the
-spec, model identity and software versions last. Figures are inline base64 PNGs and every
-style is inline, so the page needs no network, no scripts and no storage: it renders inside
+heatmaps and per-layer curves, attention to identity, drift against the baseline, the
+mitigation what-if (when given), and the spec, model identity and software versions last.
+Figures are inline base64 PNGs and every style is inline, so the page needs no network, no
+scripts and no storage: it renders inside
 MLflow's artifact viewer (a sandboxed iframe with a null origin). The same PNGs and a JSON
 summary are written beside the HTML, because a table or picture should never exist only
 inside a page.
@@ -246,6 +247,14 @@ def _plan_section(plan: dict[str, Any]) -> list[str]:
             table_html(pd.DataFrame(rows))]
 
 
+def _mitigation_section(mitigation: Any, png: bytes | None) -> str:
+    if mitigation is None:
+        return ""
+    from governance.report.mitigation import mitigation_section
+
+    return mitigation_section(mitigation, png)
+
+
 def _provenance_section(meta: dict[str, Any]) -> str:
     model = meta.get("model", {}) or {}
     parts = ["<h2>Spec, model and versions</h2>",
@@ -266,9 +275,11 @@ def render_report(
     out_path: str | Path,
     verdict: Any = None,
     drift: Any = None,
+    mitigation: Any = None,
 ) -> Path:
     """Write the audit's report page to `out_path` (a .html file, or a directory that gets
-    report.html) with its PNGs and a JSON summary beside it; return the HTML path."""
+    report.html) with its PNGs and a JSON summary beside it; return the HTML path.
+    `mitigation` (a MitigationResult) adds the what-if's section after drift."""
     out = Path(out_path)
     if out.suffix.lower() not in (".html", ".htm"):
         out = out / "report.html"
@@ -281,6 +292,10 @@ def render_report(
         fig = make(result)
         if fig is not None:
             images[key] = png_bytes(fig)
+    if mitigation is not None:
+        from governance.report.mitigation import tradeoff_figure
+
+        images["mitigation"] = png_bytes(tradeoff_figure(mitigation))
     written = {}
     for key, png in images.items():
         path = out.parent / f"{stem}_{key}.png"
@@ -298,6 +313,7 @@ def render_report(
         _verdict_section(verdict),
         _audit_sections(result, images),
         _drift_section(drift),
+        _mitigation_section(mitigation, images.get("mitigation")),
         _provenance_section(meta),
     ]
     page = ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"

@@ -46,11 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"log records as JSON lines (also: {LOG_JSON_ENV}=1), redacted "
                              "like every log record")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from jobs.cli import audit, demo, drift, nightly, policy, webhook
+    from jobs.cli import audit, demo, drift, mitigate, nightly, policy, webhook
 
     audit.add_cli(sub)
     policy.add_cli(sub)
     drift.add_cli(sub)
+    mitigate.add_cli(sub)
     nightly.add_nightly(sub)
     nightly.add_gate(sub)
     nightly.add_schedule(sub)

@@ -136,6 +136,8 @@ def _model_in(annotation: Any) -> type[BaseModel] | None:
 
 def policy_sha256(policy: Policy) -> str:
     """Hash of the policy's canonical JSON: the same rules give the same hash, whatever the
-    file's comments, key order or layout."""
-    body = json.dumps(policy.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    file's comments, key order or layout. The `mitigation` block judges what-ifs, not
+    audits, so it is left out: editing it does not make audits stale."""
+    dumped = policy.model_dump(mode="json", exclude={"mitigation"})
+    body = json.dumps(dumped, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(body.encode()).hexdigest()

@@ -16,6 +16,7 @@ from governance.judge.policy.base import Severity, StrictModel
 from governance.judge.policy.behaviour import BehaviourRules
 from governance.judge.policy.change import DriftRules
 from governance.judge.policy.internals import InternalsRules
+from governance.judge.policy.mitigation import MitigationRules
 
 if TYPE_CHECKING:
 
@@ -69,6 +70,8 @@ class Policy(StrictModel):
     behaviour: BehaviourRules = Field(default_factory=BehaviourRules)
     internals: InternalsRules = Field(default_factory=InternalsRules)
     drift: DriftRules = Field(default_factory=DriftRules)
+    # judged on a mitigation what-if (persona-gov mitigate --policy), not on an audit
+    mitigation: MitigationRules | None = None
 
     @model_validator(mode="after")
     def _has_rules(self) -> Policy:
