@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from governance.judge.policy.base import Finding, Rate, Severity, StrictModel, fmt
+from governance.judge.policy.base import Finding, Rate, Severity, StrictModel
+from governance.numbers import fmt
 
 if TYPE_CHECKING:
     import pandas as pd  # a curve table; loading a policy imports no pandas
