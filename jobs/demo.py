@@ -188,10 +188,12 @@ class DemoMitigation:
     run_id: str
 
     def text(self) -> str:
+        from governance.numbers import fmt
+
         return (f"mitigation what-if: switching off {self.head} (top-ranked in v2's audit) "
-                f"on held-out questions moves v2's persona shift {self.v2_shift:.4f} -> "
-                f"{self.v2_off:.4f} (v1: {self.v1_shift:.4f}; v1 with it off: "
-                f"{self.v1_off:.4f}; noise floor {self.floor_shift:.4f}); run {self.run_id}")
+                f"on held-out questions moves v2's persona shift {fmt(self.v2_shift)} -> "
+                f"{fmt(self.v2_off)} (v1: {fmt(self.v1_shift)}; v1 with it off: "
+                f"{fmt(self.v1_off)}; noise floor {fmt(self.floor_shift)}); run {self.run_id}")
 
 
 def show_mitigation(client, n_heldout: int = 20) -> DemoMitigation | None:

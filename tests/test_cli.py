@@ -110,14 +110,18 @@ def test_smollm2_audit_shows_early_mlp_at_identity(tmp_path):
     restores exactly."""
     import torch
 
-    torch.set_num_threads(2)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # restored after: later tests compare runs bit for bit
     out = tmp_path / "smol"
-    rc = main([
-        "audit", "--model", "smollm2-135m-instruct", "--questions", "mmlu", "--n-questions",
-        "3", "--pair", "a Black person", "a White person", "--components",
-        "resid_pre:identity", "mlp_out:identity", "--layers", "0", "1", "29", "--no-attention",
-        "--no-progress", "--out", str(out),
-    ])
+    try:
+        rc = main([
+            "audit", "--model", "smollm2-135m-instruct", "--questions", "mmlu", "--n-questions",
+            "3", "--pair", "a Black person", "a White person", "--components",
+            "resid_pre:identity", "mlp_out:identity", "--layers", "0", "1", "29", "--no-attention",
+            "--no-progress", "--out", str(out),
+        ])
+    finally:
+        torch.set_num_threads(threads)
     assert rc == 0
     s = pd.read_csv(out / "scores.csv")
     race = s[s["category"] == "race"].set_index(["component", "layer"])["score"]

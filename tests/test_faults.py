@@ -249,7 +249,9 @@ def test_tracking_server_killed_mid_audit_and_back_within_the_retries(served):
     out = _output(log)
     assert "unreachable (attempt 1/20)" in out, out[-4000:]  # the outage was met, and retried
     name = served["name"]
-    assert re.search(rf"^  warn +{name} v1 ", out, re.M)  # the first version: no baseline
+    # the first version (no baseline) warns: in the log and in the end table's row
+    assert re.search(rf"jobs.nightly: warn +{name} v1 ", out), out[-4000:]
+    assert re.search(rf"^{name} v1 +WARN ", out, re.M), out[-4000:]
     _assert_one_completed_audit(served["client"], name, "warn")
 
 
@@ -272,9 +274,9 @@ def test_tracking_server_killed_mid_audit_and_left_down(served):
             nightly.kill()
     out, name = _output(log), served["name"]
     assert code == 4, out[-4000:]
-    assert re.search(rf"^  error +{name} v1 .*: TrackingUnavailable: MLflow \w+ on "
-                     rf"{served['server'].url} unreachable after 3 attempts", out, re.M), \
-        out[-4000:]
+    assert re.search(rf"jobs.nightly: error +{name} v1 .*: TrackingUnavailable: MLflow \w+ on "
+                     rf"{served['server'].url} unreachable after 3 attempts", out), out[-4000:]
+    assert re.search(rf"^{name} v1 +ERROR ", out, re.M), out[-4000:]
     assert f"stopping the pass: tracking store {served['server'].url}" in out
     assert "Traceback" not in log.with_suffix(".out").read_text()
 
@@ -402,9 +404,9 @@ def test_postgres_restart_under_the_lease(store, tmp_path, pg_url):
     assert "lease database" in out and "unreachable (attempt 1/8)" in out, out[-4000:]
     assert down_s > 3  # longer than the lease's ttl
     lines = [x for x in log.with_suffix(".out").read_text().splitlines()
-             if "pg-lease v" in x]
-    assert [x.split()[:3] for x in lines] == [["warn", "pg-lease", "v1"],
-                                              ["pass", "pg-lease", "v2"]], out[-3000:]
+             if x.startswith("pg-lease v")]  # the end table's rows
+    assert [x.split()[:3] for x in lines] == [["pg-lease", "v1", "WARN"],
+                                              ["pg-lease", "v2", "PASS"]], out[-3000:]
     for version in ("1", "2"):
         mv = client.get_model_version("pg-lease", version)
         assert mv.tags["persona_audit.status"] in ("warn", "pass")

@@ -392,9 +392,9 @@ def test_two_concurrent_passes_audit_each_version_once(registry, tokenizer):
     assert [p.returncode for p in procs] == [0, 0], outs
     runs = audit_runs(client, "tiny-c", "1")
     assert len(runs) == 1 and runs[0].data.tags["persona_audit.state"] == "completed", outs
-    lines = [line for out in outs for line in out.splitlines() if "tiny-c v1" in line
-             and line.startswith("  ")]
-    statuses = sorted(line.split()[0] for line in lines)
+    lines = [line for out in outs for line in out.splitlines() if "tiny-c v1" in line]
+    statuses = sorted(m for out in outs for m in re.findall(
+        r"jobs\.nightly: (pass|warn|fail|error|skipped|up-to-date) +tiny-c v1\b", out))
     assert len(statuses) == 2 and statuses[1] in ("pass", "warn"), lines  # one audited it
     assert statuses[0] in ("skipped", "up-to-date"), lines  # the other: lease or idempotence
 

@@ -169,10 +169,13 @@ def _mlflow_handlers() -> list[logging.Handler]:
 
 
 def test_mlflow_loggers_are_redacted_after_install(logging_state, capsys):
-    import mlflow  # noqa: F401 - configures MLflow's loggers: own handler, propagate=False
+    from mlflow.utils.logging_utils import _configure_mlflow_loggers
 
     from governance.redaction import RedactingFilter, install_redaction
 
+    # what importing MLflow does outside our CLI (which sets MLFLOW_CONFIGURE_LOGGING=false):
+    # its loggers get their own handler and stop propagating
+    _configure_mlflow_loggers("mlflow")
     assert logging.getLogger("mlflow").propagate is False and _mlflow_handlers()
     install_redaction()
     assert all(any(isinstance(f, RedactingFilter) for f in h.filters) for h in _mlflow_handlers())

@@ -516,7 +516,8 @@ def test_mlflow_calls_the_receiver_and_the_nightly_drains_the_queue(registry_wit
     assert main(["nightly", "--once", "--config", str(env["config"])]) == 0
     out = capsys.readouterr().out
     assert "nightly pass: 1 versions" in out, out
-    assert "up-to-date" in out and "[queued: model_version_alias.created]" in out
+    assert "(1 up-to-date)" in out, out
+    assert "note: queued by model_version_alias.created; up to date" in out, out
     assert [r.state for r in rows(hook) if r.id == row.id] == ["done"]
     assert len(client.search_runs(
         [client.get_experiment_by_name("persona-audits").experiment_id])) == runs_before
