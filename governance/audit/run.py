@@ -101,9 +101,8 @@ def run_audit(
     `governance.models.loading.load_model` accepts) and return its tables. `inputs` (from
     `prepare(spec)`) skips reading the spec's files again; they are checked before the model
     is loaded either way."""
-    from governance.inputs.prompts import PromptBuilder, PromptFormat
     from governance.models.loading import LoadedModel, load_model
-    from governance.patching.engine import PatchingEngine, sweep
+    from governance.patching.engine import PatchingEngine
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -114,33 +113,12 @@ def run_audit(
                                                                       dtype=dtype)
     timings["load"] = time.perf_counter() - t0
 
-    fmt = PromptFormat(
-        catalogue.instruction(spec.instruction), spec.answer_prefix, spec.alignment,
-        spec.alignment_filler,
-    )
-    builder = PromptBuilder(loaded.tokenizer, fmt)
+    builder, patches = prompt_setup(loaded, spec, catalogue)
     option_ids = builder.option_ids()
-    try:
-        patches = sweep(loaded.anatomy, spec.sweeps, spec.layers)
-    except ValueError as exc:
-        raise ConfigError(f"spec layers: {exc}") from exc
     answers = np.array([q.answer_index for q in qs])
 
     # prompts first: every error about personas or alignment surfaces before any compute
-    aligned: dict[PersonaPair, list] = {}
-    skipped: list[dict[str, str]] = []
-    for pair in pairs:
-        try:
-            aligned[pair] = [builder.pair(pair.clean.phrase, pair.corrupt.phrase, q) for q in qs]
-        except PromptError as exc:
-            if spec.alignment == "refuse" and "differ in token length" in str(exc):
-                skipped.append({"pair": pair.label, "reason": str(exc)})
-                log.warning("skipping pair %s: %s", pair.label, exc)
-                continue
-            raise
-    if not aligned:
-        raise PromptError("no persona pair could be aligned; see the reasons above: "
-                          + "; ".join(s["reason"] for s in skipped))
+    aligned, skipped = align_pairs(builder, pairs, qs, spec)
 
     engine = PatchingEngine(loaded.model, loaded.anatomy, chunk_rows=chunk_rows)
     bar = _progress(len(aligned) * len(qs), "patching", progress)
@@ -238,6 +216,41 @@ def _verify(engine, aligned: dict[PersonaPair, list], chosen: dict[PersonaPair, 
     return {pair: PairScores(list(chosen[pair]), np.stack(p, axis=1), np.stack(c), np.stack(k))
             for pair, (c, k, p) in out.items()}
 
+
+
+def prompt_setup(loaded, spec: AuditSpec, catalogue) -> tuple[Any, list]:
+    """The prompt builder of `spec` for `loaded`'s tokenizer, and every patch of its sweeps."""
+    from governance.inputs.prompts import PromptBuilder, PromptFormat
+    from governance.patching.engine import sweep
+
+    fmt = PromptFormat(catalogue.instruction(spec.instruction), spec.answer_prefix,
+                       spec.alignment, spec.alignment_filler)
+    try:
+        patches = sweep(loaded.anatomy, spec.sweeps, spec.layers)
+    except ValueError as exc:
+        raise ConfigError(f"spec layers: {exc}") from exc
+    return PromptBuilder(loaded.tokenizer, fmt), patches
+
+
+def align_pairs(builder, pairs: list[PersonaPair], qs: list[Question], spec: AuditSpec
+                ) -> tuple[dict[PersonaPair, list], list[dict[str, str]]]:
+    """Aligned prompts per pair; with `alignment: refuse`, pairs of unequal token length are
+    skipped (with the reason) and the rest go on. No pair left is an error."""
+    aligned: dict[PersonaPair, list] = {}
+    skipped: list[dict[str, str]] = []
+    for pair in pairs:
+        try:
+            aligned[pair] = [builder.pair(pair.clean.phrase, pair.corrupt.phrase, q) for q in qs]
+        except PromptError as exc:
+            if spec.alignment == "refuse" and "differ in token length" in str(exc):
+                skipped.append({"pair": pair.label, "reason": str(exc)})
+                log.warning("skipping pair %s: %s", pair.label, exc)
+                continue
+            raise
+    if not aligned:
+        raise PromptError("no persona pair could be aligned; see the reasons above: "
+                          + "; ".join(s["reason"] for s in skipped))
+    return aligned, skipped
 
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm

@@ -36,7 +36,7 @@ import pandas as pd
 
 from governance.audit.result import AuditResult
 from governance.audit.spec import AuditSpec, Inputs, prepare, spec_hash
-from governance.errors import ConfigError, GovernanceError, PromptError
+from governance.errors import ConfigError, GovernanceError
 from governance.inputs.personas import NO_PERSONA, Persona, PersonaCatalogue, PersonaPair
 
 
@@ -302,38 +302,18 @@ def run_shard(
 
 def _setup(model, spec, inputs, device, dtype):
     """The loaded model, the prompt builder and every patch of the spec's sweeps."""
-    from governance.inputs.prompts import PromptBuilder, PromptFormat
+    from governance.audit.run import prompt_setup
     from governance.models.loading import LoadedModel, load_model
-    from governance.patching.engine import sweep
 
     loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device,
                                                                       dtype=dtype)
-    fmt = PromptFormat(inputs.catalogue.instruction(spec.instruction), spec.answer_prefix,
-                       spec.alignment, spec.alignment_filler)
-    builder = PromptBuilder(loaded.tokenizer, fmt)
-    try:
-        patches = sweep(loaded.anatomy, spec.sweeps, spec.layers)
-    except ValueError as exc:
-        raise ConfigError(f"spec layers: {exc}") from exc
-    return loaded, builder, patches
+    return (loaded, *prompt_setup(loaded, spec, inputs.catalogue))
 
 
 def _align(builder, pairs, qs, spec):
-    """Aligned prompts per pair, as `run_audit` builds them (refused pairs skipped)."""
-    aligned: dict[PersonaPair, list] = {}
-    skipped: list[dict[str, str]] = []
-    for pair in pairs:
-        try:
-            aligned[pair] = [builder.pair(pair.clean.phrase, pair.corrupt.phrase, q) for q in qs]
-        except PromptError as exc:
-            if spec.alignment == "refuse" and "differ in token length" in str(exc):
-                skipped.append({"pair": pair.label, "reason": str(exc)})
-                continue
-            raise
-    if not aligned:
-        raise PromptError("no persona pair could be aligned; see the reasons above: "
-                          + "; ".join(s["reason"] for s in skipped))
-    return aligned, skipped
+    from governance.audit.run import align_pairs
+
+    return align_pairs(builder, pairs, qs, spec)
 
 
 def _prompt_record(pair, ap, option_ids, answer: int) -> dict[str, Any]:
