@@ -16,6 +16,8 @@ from governance.models.tiny import tiny_model, tiny_questions
 from governance.patching.engine import Patch, PatchingEngine
 from governance.patching.scores import restoration
 
+from support.audits import plant_only
+
 _questions = tiny_questions
 
 
@@ -131,13 +133,7 @@ def test_planted_head_is_ranked_first(tokenizer):
     persona tokens to the last position, so exact patching must put it first with S = 1."""
     loaded = _loaded(tokenizer, num_hidden_layers=4)
     planted = (2, 1)
-    anatomy = loaded.anatomy
-    with torch.no_grad():
-        for layer in range(anatomy.n_layers):
-            w = anatomy.o_proj(layer).weight  # (d_model, head * d_head)
-            for head in range(anatomy.n_heads):
-                cols = slice(head * anatomy.head_dim, (head + 1) * anatomy.head_dim)
-                w[:, cols] *= 4.0 if (layer, head) == planted else 0.0
+    plant_only(loaded, planted)
     spec = SPEC.model_copy(update={"components": ("head:all", "head:last", "mlp_out:identity"),
                                    "attention": False, "noise_floor": False})
     result = run_audit(loaded, spec, questions=_questions(), progress=False)

@@ -19,6 +19,8 @@ from governance.models.loading import LoadedModel
 from governance.models.tiny import tiny_model, tiny_questions
 from governance.patching.sites import last_logits
 
+from support.audits import plant_only
+
 PAIRS = [("a Black person", "a White person")]
 AUDIT = AuditSpec(n_questions=4, pairs=PAIRS, components=("head:all",), bootstrap=50,
                   attention=False)
@@ -32,16 +34,8 @@ def _loaded(tokenizer, **kw):
 
 
 def _plant_only(loaded, planted=PLANTED):
-    """Only head `planted` writes into the residual stream: it is the one path from the
-    persona tokens to the last position."""
-    anatomy = loaded.anatomy
-    with torch.no_grad():
-        for layer in range(anatomy.n_layers):
-            w = anatomy.o_proj(layer).weight  # (d_model, head * d_head)
-            for head in range(anatomy.n_heads):
-                cols = slice(head * anatomy.head_dim, (head + 1) * anatomy.head_dim)
-                w[:, cols] *= 4.0 if (layer, head) == planted else 0.0
-    return loaded
+    """Only head `planted` writes into the residual stream."""
+    return plant_only(loaded, planted)
 
 
 @pytest.fixture(scope="module")

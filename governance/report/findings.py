@@ -165,13 +165,13 @@ def claim_early_mlp(m: ModelAudits) -> Verdict:
     if a is None or rows.empty:
         return Verdict(1, m.label, UNTESTED, test, "no mlp_out:identity sweep in the audit")
     parts = thirds(m.n_layers)
+    floor = _sweep(a, "mlp_out", "identity", True)
     lines, answers = [], []
     for (clean, corrupt), pair in rows.groupby(["clean_persona", "corrupt_persona"]):
         early = pair[pair["layer"].isin(parts["early"])]
         if early.empty:
             continue
         peak = early.loc[early["score"].idxmax()]
-        floor = _sweep(a, "mlp_out", "identity", True)
         floor_at = floor[floor["layer"] == peak.layer]
         late = pair[pair["layer"].isin(parts["late"])]["score"]
         late_mean = float(late.mean()) if not late.empty else float("nan")

@@ -43,3 +43,19 @@ def copy_audit(result: AuditResult) -> AuditResult:
     the screen table are left at their defaults)."""
     return AuditResult(result.scores.copy(), result.attention.copy(), result.behaviour.copy(),
                        result.pairs.copy(), json.loads(json.dumps(result.meta)))
+
+
+def plant_only(loaded, planted: tuple[int, int], scale: float = 4.0):
+    """Only head `planted` (layer, head) writes into the residual stream (its o_proj columns
+    times `scale`, every other head's zeroed): the one path from the persona tokens to the
+    last position."""
+    import torch
+
+    anatomy = loaded.anatomy
+    with torch.no_grad():
+        for layer in range(anatomy.n_layers):
+            w = anatomy.o_proj(layer).weight  # (d_model, head * d_head)
+            for head in range(anatomy.n_heads):
+                cols = slice(head * anatomy.head_dim, (head + 1) * anatomy.head_dim)
+                w[:, cols] *= scale if (layer, head) == planted else 0.0
+    return loaded
