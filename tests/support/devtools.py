@@ -192,11 +192,9 @@ FITS = """(() => {
 })()"""
 
 
-def open_artifact(devtools: DevTools, url: str, expect_text: str, timeout: float = 60.0,
-                  check: str | None = None) -> Rendered:
-    """Open an MLflow UI URL in a fresh tab of `VIEWPORT` size, wait for the artifact iframe
-    to show `expect_text`, and return what the iframe holds, its errors, a screenshot and
-    the value of the JavaScript expression `check` evaluated inside the iframe."""
+def _new_tab(devtools: DevTools) -> tuple[str, str]:
+    """A fresh tab of `VIEWPORT` size with page, runtime and log events on: its target and
+    session ids."""
     target = devtools.send("Target.createTarget", {"url": "about:blank"})["targetId"]
     session = devtools.send("Target.attachToTarget",
                             {"targetId": target, "flatten": True})["sessionId"]
@@ -206,6 +204,15 @@ def open_artifact(devtools: DevTools, url: str, expect_text: str, timeout: float
     devtools.send("Emulation.setDeviceMetricsOverride",
                   {"width": VIEWPORT[0], "height": VIEWPORT[1], "deviceScaleFactor": 1,
                    "mobile": False}, session=session)
+    return target, session
+
+
+def open_artifact(devtools: DevTools, url: str, expect_text: str, timeout: float = 60.0,
+                  check: str | None = None) -> Rendered:
+    """Open an MLflow UI URL in a fresh tab of `VIEWPORT` size, wait for the artifact iframe
+    to show `expect_text`, and return what the iframe holds, its errors, a screenshot and
+    the value of the JavaScript expression `check` evaluated inside the iframe."""
+    target, session = _new_tab(devtools)
     devtools.send("Target.setAutoAttach", {"autoAttach": True, "waitForDebuggerOnStart": True,
                                            "flatten": True}, session=session)
     devtools.send("Page.navigate", {"url": url}, session=session)
@@ -288,15 +295,7 @@ def open_page(devtools: DevTools, url: str, expect_text: str, timeout: float = 6
     """Open an MLflow UI page (no artifact iframe) in a fresh tab of `VIEWPORT` size, wait
     until it shows `expect_text`, and return its text, errors, a screenshot and the value of
     the JavaScript expression `check`."""
-    target = devtools.send("Target.createTarget", {"url": "about:blank"})["targetId"]
-    session = devtools.send("Target.attachToTarget",
-                            {"targetId": target, "flatten": True})["sessionId"]
-    devtools.errors.clear()
-    for method in ("Page.enable", "Runtime.enable", "Log.enable"):
-        devtools.send(method, session=session)
-    devtools.send("Emulation.setDeviceMetricsOverride",
-                  {"width": VIEWPORT[0], "height": VIEWPORT[1], "deviceScaleFactor": 1,
-                   "mobile": False}, session=session)
+    target, session = _new_tab(devtools)
     devtools.send("Page.navigate", {"url": url}, session=session)
     deadline = time.monotonic() + timeout
     text = ""
