@@ -249,17 +249,19 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float) -> flo
     """FLOP/s of back-to-back square matmuls kept up for `seconds`: a GPU at its power limit
     clocks down within a second or two, so a short burst overstates what a sweep of several
     seconds can reach (an H200 here: ~790 TFLOP/s for 0.2 s, ~660 sustained)."""
-    n = 8192 if device.type == "cuda" else 1024
+    # on a CPU one matmul at a time: a 1024^3 bfloat16 product without native support takes
+    # seconds there, and ten between clock checks would overrun `seconds` many times over
+    n, burst = (8192, 10) if device.type == "cuda" else (512, 1)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     a @ b
     sync(device)
     done, t = 0, time.perf_counter()
     while time.perf_counter() - t < seconds:
-        for _ in range(10):
+        for _ in range(burst):
             a @ b
         sync(device)
-        done += 10
+        done += burst
     return 2 * n**3 * done / (time.perf_counter() - t)
 
 

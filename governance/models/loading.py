@@ -418,10 +418,15 @@ def pinned_model_dir(name: str) -> Path:
     if (out / "config.json").exists():
         return out
     loaded = load_model(fetch(name), device="cpu", dtype="float32")
-    partial = out.with_name("hf.partial")
+    partial = out.with_name(f"hf.{os.getpid()}.partial")  # this process's own
     shutil.rmtree(partial, ignore_errors=True)
     save_as_hf_dir(loaded.model, loaded.tokenizer, partial)
-    partial.rename(out)
+    try:
+        partial.rename(out)
+    except OSError:  # another process converted it first: theirs is the same
+        if not (out / "config.json").exists():
+            raise
+        shutil.rmtree(partial, ignore_errors=True)
     return out
 
 
