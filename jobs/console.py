@@ -7,9 +7,10 @@ and none of the third-party chatter that is expected in this use (shown again wi
 
 Expected here, so hidden at the default verbosity (see `EXPECTED`): MLflow asking the model
 hub for a model card and licence of a local model (there is no hub at run time), progress
-bars of artifact copies and weight loading that take a second, and transformers' advice
-about generation settings. Warnings about our inputs (a question file's stray header rows)
-are said once per run, also when each audit child reads the same file again.
+bars of artifact copies and weight loading that take a second, transformers' advice about
+generation settings, and third parties' info records. Warnings about our inputs (a question
+file's stray header rows) are said once per run, also when each audit child reads the same
+file again.
 """
 
 from __future__ import annotations
@@ -96,11 +97,15 @@ class Once(logging.Filter):
 
 
 class ExpectedNoise(logging.Filter):
-    """Drop the third-party records listed in `EXPECTED`."""
+    """Drop third parties' info and debug records (a library may set its own loggers' level,
+    e.g. Great Expectations announcing a temporary docs site) and their warnings listed in
+    `EXPECTED`."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name.startswith(("governance", "jobs")):
             return True
+        if record.levelno < logging.WARNING:
+            return False
         text = record.getMessage().lower()
         return not any(record.name.startswith(prefix) and needle in text
                        for prefix, needle in EXPECTED)

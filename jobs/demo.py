@@ -16,6 +16,7 @@ and finishes in seconds.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -214,15 +215,16 @@ def show_mitigation(client, n_heldout: int = 20) -> DemoMitigation | None:
     spec = MitigationSpec(top_k=(1,), n_heldout=n_heldout, bootstrap=200,
                           pairs=[tuple(p) for p in DEMO_SPEC["pairs"]])
     print("mitigation what-if on v2 (its top-ranked head switched off) ...", flush=True)
+    bar = sys.stderr.isatty()  # a minute or two per version: a bar on a terminal, not in logs
     with mlflow_uris(NightlyConfig(tracking_uri=client.tracking_uri)):
         try:
-            on_v2 = run_mitigation(f"models:/{DEMO_MODEL}/2", audit, spec, progress=False,
+            on_v2 = run_mitigation(f"models:/{DEMO_MODEL}/2", audit, spec, progress=bar,
                                    audit_source=f"runs:/{run_id}")
         except ConfigError as exc:
             print(f"mitigation what-if skipped: {exc}")
             return None
         on_v1 = run_mitigation(f"models:/{DEMO_MODEL}/1", audit,
-                               spec.model_copy(update={"random_seeds": ()}), progress=False)
+                               spec.model_copy(update={"random_seeds": ()}), progress=bar)
     mitigation_run = log_mitigation(client, client.get_run(run_id).info.experiment_id, on_v2,
                                     audit_run_id=run_id, run_name=f"{DEMO_MODEL}-v2-mitigation")
 
@@ -256,6 +258,7 @@ def run_demo(directory: str | Path, *, model: str = "smollm2-135m-instruct",
     from governance.inputs.assets import resolve
     from governance.models.loading import resolve_model
     from jobs.config import load_config
+    from jobs.console import quiet_prints
     from jobs.nightly import run_pass
 
     t0 = time.perf_counter()
@@ -263,7 +266,8 @@ def run_demo(directory: str | Path, *, model: str = "smollm2-135m-instruct",
     directory.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{directory / 'mlflow.db'}"
     print(f"fetching assets (model {model}, questions {questions}) ...", flush=True)
-    model_source = resolve_model(model)
+    with quiet_prints("GGUF conversion"):  # transformers' bar for a ~2 s step
+        model_source = resolve_model(model)
     spec = {**DEMO_SPEC, "questions": resolve(questions, "questions")}
     if n_questions:
         spec["n_questions"] = n_questions

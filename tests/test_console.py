@@ -22,6 +22,9 @@ hub = logging.getLogger("mlflow.transformers")
 hub.warning("The model card could not be retrieved from the hub due to Repo id must be ...")
 hub.warning("Unable to find license information for this model. Please verify ...")
 logging.getLogger("mlflow.store").warning("database is locked: retrying")
+chatty = logging.getLogger("great_expectations.data_context.types.base")
+chatty.setLevel(logging.INFO)  # a library that sets its own logger's level
+chatty.info("Created temporary directory '/tmp/x' for ephemeral docs site")
 for _ in range(3):
     logging.getLogger("governance.inputs.questions").warning(
         "%s: skipped %d stray header row(s)", "mmlu.jsonl", 2)
@@ -53,6 +56,7 @@ def test_expected_third_party_warnings_are_left_out(default):
     assert "model card" not in err and "license information" not in err
     assert "generation_config" not in err  # a Python warning, routed through logging
     assert "database is locked: retrying" in err  # a third-party warning that matters stays
+    assert "ephemeral docs site" not in err  # a third party's info record
     assert "INFO jobs.nightly: auditing persona-demo v1" in err
     assert "Successfully registered model" not in err  # a library's own print
     assert "registering inside the block" in err  # our records still reach the terminal
@@ -70,6 +74,7 @@ def test_verbose_shows_everything():
     assert got.returncode == 0, got.stderr
     assert "model card could not be retrieved" in got.stderr
     assert "license information" in got.stderr and "generation_config" in got.stderr
+    assert "ephemeral docs site" in got.stderr
     assert got.stderr.count("stray header row(s)") == 3
     assert "Successfully registered model 'persona-demo'." in got.stderr
     assert got.stdout.splitlines()[0] == "None None"  # libraries keep their progress bars

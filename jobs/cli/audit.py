@@ -75,6 +75,7 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     from governance.audit.spec import AuditSpec, prepare
     from governance.inputs.assets import resolve
     from governance.models.loading import load_model, resolve_model
+    from jobs.console import quiet_prints
 
     spec = AuditSpec.from_yaml(args.spec) if args.spec else AuditSpec()
     if not args.questions and not spec.questions:
@@ -95,7 +96,9 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     check_replaceable(args.out, "audit.json", "audit")  # before any work: never clobber
     inputs = prepare(spec)  # every file and name the spec gives, checked before the model loads
     log.info("loading model %s", args.model)
-    loaded = load_model(resolve_model(args.model), device=args.device, dtype=args.dtype,
+    with quiet_prints("GGUF conversion"):  # transformers' bar for a ~2 s step
+        source = resolve_model(args.model)
+    loaded = load_model(source, device=args.device, dtype=args.dtype,
                         trust_remote_code=args.trust_remote_code)
     result = run_audit(loaded, spec, chunk_rows=args.chunk_rows, progress=not args.no_progress,
                        inputs=inputs)

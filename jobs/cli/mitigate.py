@@ -110,6 +110,7 @@ def _cmd_mitigate(args: argparse.Namespace) -> int:
     from governance.mitigation import MitigationSpec, run_mitigation
     from governance.models.loading import load_model, resolve_model
     from governance.tracking.runs import load_audit
+    from jobs.console import quiet_prints
 
     spec = MitigationSpec.make(
         top_k=tuple(args.top_k) if args.top_k else None, method=args.method,
@@ -137,7 +138,9 @@ def _cmd_mitigate(args: argparse.Namespace) -> int:
     audit = load_audit(args.audit, client=client)
     model = args.model or _default_model(audit, run_tags)
     log.info("loading model %s", model)
-    loaded = load_model(resolve_model(model), device=args.device, dtype=args.dtype,
+    with quiet_prints("GGUF conversion"):  # transformers' bar for a ~2 s step
+        source = resolve_model(model)
+    loaded = load_model(source, device=args.device, dtype=args.dtype,
                         trust_remote_code=args.trust_remote_code)
     result = run_mitigation(loaded, audit, spec, questions=args.questions,
                             chunk_rows=args.chunk_rows, progress=not args.no_progress,
