@@ -590,3 +590,19 @@ def test_gguf_load_and_convert(tmp_path):
     assert reloaded.identity["source_kind"] == "hf_dir"
     assert reloaded.identity["n_params"] == loaded.identity["n_params"]
     torch.testing.assert_close(_logits(reloaded.model, ids), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.e2e
+def test_the_audit_takes_a_pinned_model_by_name():
+    """`run_audit("smollm2-135m-instruct", spec)` (the README's Python example) loads the
+    pinned asset's converted copy: the name is resolved, not read as a path."""
+    from governance.audit.run import load_setup
+    from governance.audit.spec import AuditSpec, prepare
+    from governance.models.loading import pinned_model_dir
+
+    spec = AuditSpec(questions="mmlu", n_questions=2, components=["attn_out:last"], layers=[0])
+    loaded, builder, patches = load_setup("smollm2-135m-instruct", spec, prepare(spec), "cpu",
+                                          None)
+    assert loaded.identity["source_kind"] == "hf_dir"
+    assert loaded.anatomy.n_layers == 30 and len(patches) == 1
+    assert os.path.samefile(loaded.identity["source"], pinned_model_dir("smollm2-135m-instruct"))

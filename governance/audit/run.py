@@ -186,12 +186,15 @@ def _verify(engine, aligned: dict[PersonaPair, list], chosen: dict[PersonaPair, 
 
 def load_setup(model: Any, spec: AuditSpec, inputs: Inputs, device: str | None,
                dtype: str | None) -> tuple[Any, Any, list]:
-    """The loaded model (`model` as given when already loaded), the prompt builder of `spec`
-    for its tokenizer and every patch of the spec's sweeps."""
-    from governance.models.loading import LoadedModel, load_model
+    """The loaded model (`model` as given when already loaded; a pinned asset's name such as
+    `smollm2-135m-instruct` is fetched and converted once), the prompt builder of `spec` for
+    its tokenizer and every patch of the spec's sweeps."""
+    import os
 
-    loaded = model if isinstance(model, LoadedModel) else load_model(model, device=device,
-                                                                      dtype=dtype)
+    from governance.models.loading import LoadedModel, load_model, resolve_model
+
+    loaded = model if isinstance(model, LoadedModel) else load_model(
+        resolve_model(os.fspath(model)), device=device, dtype=dtype)
     return (loaded, *prompt_setup(loaded, spec, inputs.catalogue))
 
 
