@@ -61,6 +61,27 @@ def test_audit_writes_every_output(model_dir, questions, tmp_path, capsys):
     assert f"next: persona-gov policy evaluate --audit {out}" in printed
 
 
+def test_audit_screens_and_plans_from_the_command_line(model_dir, questions, tmp_path):
+    """--exact-top-k and --budget-minutes imply --screen atp; the plan lands in audit.json."""
+    top = tmp_path / "top"
+    assert _audit(model_dir, questions, top, "--exact-top-k", "2") == 0
+    meta = json.loads((top / "audit.json").read_text())
+    assert (meta["spec"]["screen"], meta["spec"]["exact_top_k"]) == ("atp", 2)
+    assert (pd.read_csv(top / "scores.csv").groupby(["category", "component"]).size() <= 2).all()
+
+    planned = tmp_path / "planned"
+    assert _audit(model_dir, questions, planned, "--budget-minutes", "0.5") == 0
+    meta = json.loads((planned / "audit.json").read_text())
+    assert (meta["spec"]["screen"], meta["spec"]["budget_minutes"]) == ("atp", 0.5)
+    assert meta["spec"]["exact_top_k"] is None and "plan" in meta
+
+
+def test_screen_off_with_a_budget_is_refused(model_dir, questions, tmp_path, capsys):
+    rc = _audit(model_dir, questions, tmp_path / "o", "--screen", "off", "--budget-minutes", "1")
+    assert rc == 2
+    assert "budget_minutes needs `screen: atp`" in capsys.readouterr().err
+
+
 def test_failed_audit_leaves_earlier_results_intact(model_dir, questions, tmp_path, capsys):
     out = tmp_path / "audit"
     assert _audit(model_dir, questions, out) == 0

@@ -57,6 +57,15 @@ def add_cli(sub) -> None:
                    help="persona phrases of different token length: pad with a filler token "
                         "(default) or refuse the pair")
     p.add_argument("--no-attention", action="store_true", help="skip attention to identity")
+    p.add_argument("--screen", choices=["off", "atp"],
+                   help="atp: rank every patch by attribution patching, then patch only the "
+                        "top ones exactly (default off: every patch exact)")
+    p.add_argument("--exact-top-k", type=int, metavar="K",
+                   help="exact-patch the top K of each sweep after the screen (implies "
+                        "--screen atp)")
+    p.add_argument("--budget-minutes", type=float, metavar="M",
+                   help="choose K per sweep so that patching fits M minutes on this device "
+                        "(implies --screen atp; the plan is recorded in audit.json)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: fp32 on CPU, "
                                    "bf16 on CUDA)")
@@ -81,7 +90,16 @@ def _cmd_audit(args: argparse.Namespace) -> int:
     if not args.questions and not spec.questions:
         log.info("no question set given: using the pinned MMLU sample (asset 'mmlu')")
         args.questions = "mmlu"
+    # the command line's way of choosing the exact patches replaces the spec file's
+    if args.budget_minutes is not None:
+        spec = spec.model_copy(update={"exact_top_k": None})
+    elif args.exact_top_k is not None:
+        spec = spec.model_copy(update={"budget_minutes": None})
+    picks = args.budget_minutes is not None or args.exact_top_k is not None
     spec = spec.with_overrides(
+        screen=args.screen or ("atp" if picks else None),
+        exact_top_k=args.exact_top_k,
+        budget_minutes=args.budget_minutes,
         questions=resolve(args.questions, "questions") if args.questions else None,
         personas=args.personas,
         categories=args.categories,
