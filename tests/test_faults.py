@@ -240,7 +240,10 @@ def test_tracking_server_killed_mid_audit_and_back_within_the_retries(served):
     nightly = _nightly(cfg, log, env=served["env"])
     try:
         _kill_server_mid_audit(served, nightly, log)
-        time.sleep(2)
+        # back only once the nightly has met the dead server: on a loaded machine the audit
+        # can outlast any fixed outage
+        _wait("the nightly meeting the dead server",
+              lambda: "unreachable (attempt 1/20)" in _output(log), 240, nightly, log, every=0.2)
         served["server"].start()
         assert nightly.wait(240) == 0, _output(log)[-4000:]
     finally:
