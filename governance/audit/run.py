@@ -12,6 +12,7 @@ runs (device, dtype, batch rows) is not part of the spec.
 from __future__ import annotations
 
 import logging
+import os
 import platform
 import time
 from collections.abc import Iterable, Iterator
@@ -116,21 +117,21 @@ def run_audit(
     aligned, skipped = align_pairs(builder, pairs, qs, spec)
 
     engine = PatchingEngine(loaded.model, loaded.anatomy, chunk_rows=chunk_rows)
-    bar = _progress(len(aligned) * len(qs), "patching", progress)
+    bar = progress_bar(len(aligned) * len(qs), "patching", progress)
     t1 = time.perf_counter()
     plan = None
     estimates: dict[PersonaPair, np.ndarray] = {}
     if spec.budget_minutes is not None:
         runs, estimates, plan = patch_within_budget(
             loaded, engine, aligned, patches, option_ids, spec.budget_minutes * 60,
-            lambda chosen: _verify(engine, aligned, chosen, option_ids, bar))
+            lambda chosen: exact_runs(engine, aligned, chosen, option_ids, bar))
     else:
         chosen = dict.fromkeys(aligned, patches)
         if spec.screen == "atp":
             estimates = screen_pairs(loaded, aligned, patches, option_ids)
             chosen = {pair: top_k(patches, estimates[pair], spec.exact_top_k)
                       for pair in aligned}
-        runs = _verify(engine, aligned, chosen, option_ids, bar)
+        runs = exact_runs(engine, aligned, chosen, option_ids, bar)
     screens = [screen_rows(pair, patches, estimates[pair]) for pair in estimates]
     bar.close()
     timings["patching"] = time.perf_counter() - t1
@@ -161,7 +162,7 @@ def run_audit(
     return AuditResult(scores, attention, behaviour, pairs_frame, meta, prompts, screen)
 
 
-def _verify(engine, aligned: dict[PersonaPair, list], chosen: dict[PersonaPair, list],
+def exact_runs(engine, aligned: dict[PersonaPair, list], chosen: dict[PersonaPair, list],
             option_ids, bar) -> dict[PersonaPair, PairScores]:
     """Exact patching of each pair's `chosen` patches on its questions, queued as one stream
     across pairs (`_one_ahead`), so the host never waits for the device between pairs."""
@@ -189,8 +190,6 @@ def load_setup(model: Any, spec: AuditSpec, inputs: Inputs, device: str | None,
     """The loaded model (`model` as given when already loaded; a pinned asset's name such as
     `smollm2-135m-instruct` is fetched and converted once), the prompt builder of `spec` for
     its tokenizer and every patch of the spec's sweeps."""
-    import os
-
     from governance.models.loading import LoadedModel, load_model, resolve_model
 
     loaded = model if isinstance(model, LoadedModel) else load_model(
@@ -233,7 +232,7 @@ def align_pairs(builder, pairs: list[PersonaPair], qs: list[Question], spec: Aud
     return aligned, skipped
 
 
-def _progress(total: int, desc: str, enabled: bool):
+def progress_bar(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, disable=not enabled, unit="prompt", leave=False)
@@ -253,7 +252,7 @@ def persona_rows(loaded, builder, inputs: Inputs, qs: list[Question], spec: Audi
     option_ids = list(builder.option_ids())
     logits: dict[str, np.ndarray] = {}
     masses: dict[str, np.ndarray] = {}
-    bar = _progress((len(personas) + 1) * len(qs), "personas", progress)
+    bar = progress_bar((len(personas) + 1) * len(qs), "personas", progress)
     with eager_attention(loaded.model) if spec.attention else nullcontext():
         for persona in [NO_PERSONA, *personas]:
             rows, mass_rows = [], []

@@ -35,13 +35,13 @@ import pandas as pd
 
 from governance.audit.result import AuditResult
 from governance.audit.run import (
-    _progress,
-    _verify,
     align_pairs,
     audit_meta,
+    exact_runs,
     load_setup,
     mean_mass,
     persona_rows,
+    progress_bar,
     prompt_record,
 )
 from governance.audit.spec import AuditSpec, Inputs, prepare
@@ -268,9 +268,9 @@ def run_shard(
     answers = np.array([q.answer_index for q in qs])
 
     engine = PatchingEngine(loaded.model, loaded.anatomy, chunk_rows=chunk_rows)
-    bar = _progress(len(aligned) * len(qs), f"patching shard {shard.label}", progress)
-    runs = _verify(engine, aligned, {pair: list(patches if chosen is None else chosen[pair.label])
-                                     for pair in aligned}, option_ids, bar)
+    bar = progress_bar(len(aligned) * len(qs), f"patching shard {shard.label}", progress)
+    mine = {pair: list(patches if chosen is None else chosen[pair.label]) for pair in aligned}
+    runs = exact_runs(engine, aligned, mine, option_ids, bar)
     bar.close()
     raw = {pair.label: PairRaw(run.patches, run.clean, run.corrupt, run.patched,
                                [prompt_record(pair, ap, option_ids, int(answers[j]))
