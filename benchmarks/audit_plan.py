@@ -86,25 +86,30 @@ def recall_table(plan_scores: pd.DataFrame, exact_scores: pd.DataFrame, k: int) 
             .agg(["mean", "min", "count"]).reset_index())
 
 
+def _items(result, by_pair, prompts=None):
+    from governance.patching.packed import Item
+
+    return [Item(p["clean_ids"], p["corrupt_ids"], p["identity_positions"],
+                 by_pair[(p["clean_persona"], p["corrupt_persona"])])
+            for p in (result.prompts if prompts is None else prompts)]
+
+
 def engine_time(loaded, result) -> tuple[float, int]:
     """The engine alone on the audit's own prompts and patches (as benchmarks/patching.py
-    times it), with every pair's patches the audit ran."""
+    times it), with every pair's patches the audit ran, through `run_many` as the audit
+    calls it."""
     from governance.patching.engine import PatchingEngine
 
     engine = PatchingEngine(loaded.model, loaded.anatomy)
-    by_pair = chosen_by_pair(result.scores)
-    prompts = result.prompts
-    first = prompts[0]
-    engine.run(first["clean_ids"], first["corrupt_ids"], first["identity_positions"],
-               by_pair[(first["clean_persona"], first["corrupt_persona"])][:8],
-               first["option_ids"])  # warm-up, as the audit's calibration is
+    items = _items(result, chosen_by_pair(result.scores))
+    options = result.prompts[0]["option_ids"]
+    for r in engine.run_many(items[:1], options):  # warm-up, as the audit's calibration is
+        r.patched.cpu()
     sync(loaded.device)
     t = time.perf_counter()
-    for p in prompts:
-        run = engine.run(p["clean_ids"], p["corrupt_ids"], p["identity_positions"],
-                         by_pair[(p["clean_persona"], p["corrupt_persona"])], p["option_ids"])
-        run.patched.cpu()
-    return time.perf_counter() - t, len(prompts)
+    for r in engine.run_many(items, options):
+        r.patched.cpu()
+    return time.perf_counter() - t, len(items)
 
 
 def chosen_by_pair(scores: pd.DataFrame) -> dict[tuple[str, str], list]:
@@ -119,40 +124,36 @@ def chosen_by_pair(scores: pd.DataFrame) -> dict[tuple[str, str], list]:
 
 
 def profile_question(loaded, result, device) -> None:
-    """Where one prompt pair's exact patching spends its time: wall time with and without
-    a sync per question, and the profiler's top operators by host and by device time."""
+    """Where the exact patching of 16 prompt pairs spends its time (`run_many`, as the
+    audit runs it): wall time with the results read back, the host's time to queue them,
+    and the profiler's top operators by host and by device time."""
     from torch.profiler import ProfilerActivity, profile
 
     from governance.patching.engine import PatchingEngine
 
     engine = PatchingEngine(loaded.model, loaded.anatomy)
-    by_pair = chosen_by_pair(result.scores)
-    prompts = result.prompts[:16]
+    items = _items(result, chosen_by_pair(result.scores), result.prompts[:16])
+    options = result.prompts[0]["option_ids"]
 
-    def one(p):
-        return engine.run(p["clean_ids"], p["corrupt_ids"], p["identity_positions"],
-                          by_pair[(p["clean_persona"], p["corrupt_persona"])], p["option_ids"])
+    def queue():
+        return list(engine.run_many(items, options))
 
-    for p in prompts:
-        one(p).patched.cpu()
+    [r.patched.cpu() for r in queue()]  # warm-up
+    sync(device)
     t = time.perf_counter()
-    for p in prompts:
-        one(p).patched.cpu()
-    synced = (time.perf_counter() - t) / len(prompts)
-    t = time.perf_counter()
-    runs = [one(p) for p in prompts]
+    runs = queue()
     queued = time.perf_counter() - t
     [r.patched.cpu() for r in runs]
-    ahead = (time.perf_counter() - t) / len(prompts)
-    rows = np.mean([len(by_pair[(p["clean_persona"], p["corrupt_persona"])]) for p in prompts])
-    print(f"\nprofile: {len(prompts)} prompt pairs, {rows:.0f} rows each: {synced * 1e3:.1f} ms "
-          f"a prompt pair read back one by one, {ahead * 1e3:.1f} ms queued together (the host "
-          f"took {queued / len(prompts) * 1e3:.1f} ms a prompt pair to queue them)")
+    total = time.perf_counter() - t
+    rows = np.mean([len(it.patches) for it in items])
+    n = len(items)
+    print(f"\nprofile: {n} prompt pairs, {rows:.0f} rows each: {total / n * 1e3:.1f} ms a "
+          f"prompt pair with results read back (the host took {queued / n * 1e3:.1f} ms a "
+          f"prompt pair to queue them; packed batches: {engine.packed is not None})")
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
                                            else [])
     with profile(activities=activities) as prof:
-        for p in prompts[:4]:
-            one(p).patched.cpu()
+        [r.patched.cpu() for r in queue()]
     table = prof.key_averages()
     print(table.table(sort_by="self_cpu_time_total", row_limit=12))
     if device.type == "cuda":
@@ -176,6 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--all-exact", action="store_true",
                         help="also run every patch exactly; print recall@10 per sweep and the "
                         "engine's time on the audit's prompts beside the audit's")
+    parser.add_argument("--all-exact-dir", type=Path,
+                        help="with --all-exact: the all-exact audit's stored result; run and "
+                        "saved there if absent, reused if present (same prompts required)")
     parser.add_argument("--engine-time", action="store_true",
                         help="with --all-exact: also time the engine alone on the all-exact "
                         "audit's prompts and patches")
@@ -202,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
           f"({args.n_questions} questions x {n_prompts // args.n_questions} pairs), "
           f"{seconds:.1f} s in all; patching {timings['patching']:.1f} s "
           f"({timings['patching'] / n_prompts:.3f} s a prompt pair)")
+    print(f"  budget {args.budget_minutes * 60:.0f} s for the whole audit: the audit took "
+          f"{seconds:.1f} s ({'within' if seconds <= args.budget_minutes * 60 else 'OVER'} "
+          f"the budget); persona pass estimated {plan['reserved_s']:.1f} s beforehand, took "
+          f"{timings['behaviour_attention']:.1f} s")
     print(f"  calibration {plan['calibration']}; screen {plan['screen_s']:.1f} s")
     print(f"  k per sweep {plan['k']} (first pass {plan['k_first_pass']}, widened "
           f"{plan['widened']}) of {plan['sweep_sizes']}")
@@ -235,7 +243,21 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.all_exact:
         exact_spec = base.model_copy(update={"screen": "off"})
-        s_exact, r_exact = timed_audit(loaded, exact_spec, device)
+        stored = args.all_exact_dir
+        if stored is not None and (stored / "audit.json").exists():
+            from governance.audit.result import AuditResult
+
+            r_exact = AuditResult.load(stored)
+            if [p["corrupt_ids"] for p in r_exact.prompts] != [
+                    p["corrupt_ids"] for p in result.prompts]:
+                print(f"{stored} holds an audit of other prompts")
+                return 1
+            s_exact = r_exact.meta["timings_s"]["total"]
+            print(f"\nall-exact audit read from {stored}")
+        else:
+            s_exact, r_exact = timed_audit(loaded, exact_spec, device)
+            if stored is not None:
+                r_exact.save(stored)
         p_exact = r_exact.meta["timings_s"]["patching"]
         print(f"\nall-exact audit: {s_exact:.1f} s in all, patching {p_exact:.1f} s "
               f"({p_exact / len(r_exact.prompts):.2f} s a prompt pair); the plan's patching "

@@ -61,8 +61,10 @@ def _setup(n_pairs=3, seed=0):
 
 
 @pytest.mark.parametrize("seconds", [0.5, 1.5, 5.0])
-def test_fit_k_respects_the_budget_and_uses_it(seconds):
-    """The chosen k fits the budget under the cost model, and no sweep could take one more."""
+def test_fit_k_respects_the_budget_and_uses_it(seconds, monkeypatch):
+    """The chosen k fits the budget under the cost model, and no sweep could take one more
+    (with a floor of one per sweep, so that small budgets bind)."""
+    monkeypatch.setattr(plan_module, "MIN_K", 1)
     patches, order, flops = _setup()
     cal = Calibration(overhead_s=0.001, seconds_per_flop=1e-8, seconds=0.0)
     k = fit_k(order, flops, 4, cal, seconds, floor="p2")
@@ -72,6 +74,12 @@ def test_fit_k_respects_the_budget_and_uses_it(seconds):
         if k[s] < sizes[s]:
             more = {**k, s: k[s] + 1}
             assert cost_of(choose(order, more, "p2"), flops, 4, cal) > seconds
+
+
+def test_fit_k_keeps_the_top_ten_of_every_sweep_whatever_the_budget():
+    _, order, flops = _setup()
+    k = fit_k(order, flops, 4, Calibration(1.0, 1.0, 0.0), 0.0, floor="p2")
+    assert k == {"head:all": 10, "mlp_out:identity": 4, "attn_out:last": 4}
 
 
 def test_floor_pair_is_verified_where_any_persona_pair_was():
@@ -148,26 +156,36 @@ def test_large_budget_verifies_everything(loaded, tmp_path):
     assert "Audit plan: estimated and exact" in text and "head:all" in text
 
 
-def test_tiny_budget_keeps_one_per_sweep_and_says_it_ran_over(loaded):
+def test_tiny_budget_keeps_the_top_ten_per_sweep_and_says_it_ran_over(loaded):
+    """Whatever the budget, each sweep's top `MIN_K` (10; all 3 of a 3-patch sweep) is
+    verified; a budget that cannot afford them is reported as overrun."""
     spec = SPEC.model_copy(update={"budget_minutes": 1e-6})
     result = run_audit(loaded, spec, questions=tiny_questions(4), progress=False)
     plan = result.meta["plan"]
-    assert plan["k"] == {"head:all": 1, "mlp_out:identity": 1} and plan["over_budget"]
+    assert plan["k"] == {"head:all": 10, "mlp_out:identity": 3} and plan["over_budget"]
+    assert plan["thresholds"]["min_k"] == 10 and plan["reserved_s"] > 0
     assert plan["skipped_patches"] == 2 * 15 - plan["exact_patches"] > 0
     assert result.screen["exact"].notna().sum() == len(result.scores)
 
 
 def test_low_agreement_widens_within_the_budget(loaded, monkeypatch):
     """A first pass of one patch per sweep leaves the screen's agreement unknown, so every
-    sweep is widened (k doubled) while the budget allows."""
+    sweep is widened (k doubled, pass after pass) until its screen is trusted on what was
+    verified or the whole sweep is exact."""
     monkeypatch.setattr(plan_module, "FIRST_PASS_SHARE", 0.0)
+    monkeypatch.setattr(plan_module, "MIN_K", 1)
     spec = SPEC.model_copy(update={"budget_minutes": 30.0, "noise_floor": False})
     result = run_audit(loaded, spec, questions=tiny_questions(4), progress=False)
     plan = result.meta["plan"]
     assert plan["k_first_pass"] == {"head:all": 1, "mlp_out:identity": 1}
-    assert plan["k"] == {"head:all": 2, "mlp_out:identity": 2}
     assert sorted(plan["widened"]) == ["head:all", "mlp_out:identity"]
-    assert len(result.scores) == 4
+    sizes = plan["sweep_sizes"]
+    for name, k in plan["k"].items():
+        a = plan["agreement"][name]
+        assert k >= 2 and k in (1, 2, 4, 8, sizes[name])
+        assert k == sizes[name] or (a["spearman"] >= plan_module.MIN_SPEARMAN
+                                     and a["recall"] >= plan_module.MIN_RECALL)
+    assert len(result.scores) == sum(plan["k"].values())
     assert {"spearman", "recall", "pairs"} <= set(plan["agreement"]["head:all"])
 
 

@@ -2,7 +2,7 @@
 
 With `budget_minutes` in a spec (and `screen: atp`), the audit screens every patch of every
 pair first, then verifies only the top k of each (component, positions) sweep by exact
-patching, with k chosen so that the whole patching stage fits the budget:
+patching, with k chosen so that the patching stage fits what the budget leaves it:
 
     cost(k) = Σ_pairs Σ_questions [ overhead + seconds_per_flop · Σ_{patch in top k} flops ]
 
@@ -13,10 +13,13 @@ few real patches of one prompt pair, timed). The noise-floor pair is verified at
 component a persona pair chose as well, so persona effects and the floor are compared on
 the same components.
 
-Once the first exact pass has run, the screen's agreement with what was verified (Spearman
-and recall of the exact top half, per sweep) is measured; a sweep whose agreement is low is
-widened (k doubled, best first) while the measured rate says the budget still allows it.
-Everything the plan estimated, chose, skipped and measured goes into `audit.json`.
+Every sweep gets at least its top `MIN_K` (the report's top 10), whatever the budget. Once
+the first exact pass has run, the screen's agreement with what was verified (Spearman and
+recall of the exact top half, per sweep) is measured; a sweep whose agreement is low is
+widened (k doubled, best first, pass after pass) while the measured rate says the budget
+still allows it. The budget covers the whole audit: the persona pass after patching is
+estimated first (`reserve_s`) and kept out of what patching may spend. Everything the plan
+estimated, chose, skipped and measured goes into `audit.json`.
 """
 
 from __future__ import annotations
@@ -37,7 +40,9 @@ if TYPE_CHECKING:
 MIN_SPEARMAN = 0.6  # below either, a sweep's screen is not trusted and its k is widened
 MIN_RECALL = 0.8
 FIRST_PASS_SHARE = 0.8  # of the budget left after the screen; the rest is kept for widening
-CALIBRATION_PATCHES = 64
+MIN_K = 10  # every sweep's top 10 (the report's) is verified, or the whole sweep if smaller
+CALIBRATION_PATCHES = 64  # per prompt pair on the per-pair engine
+CALIBRATION_PROMPTS = 8  # prompt pairs of a packed calibration (each with 64 / 8 patches)
 
 
 @dataclass(frozen=True)
@@ -134,11 +139,12 @@ class Calibration:
 
 
 def calibrate(run: Callable[[Sequence[Patch]], Any], patches: Sequence[Patch],
-              shape: ModelShape, prompt: PromptShape,
+              shape: ModelShape, prompts: Sequence[PromptShape],
               n: int = CALIBRATION_PATCHES) -> Calibration:
-    """Time `run` (one prompt pair through the engine, results read back) on one patch and on
-    `n` patches spread over every sweep, the faster of two runs each, after an untimed
-    warm-up of both (on a GPU, the first run of each row count compiles kernels)."""
+    """Time `run` (the `prompts`' pairs through the engine, each with the same patches,
+    results read back) on one patch and on `n` patches spread over every sweep, the faster of
+    two runs each, after an untimed warm-up of both (on a GPU, the first run of each shape
+    compiles kernels). The overhead is per prompt pair."""
     t0 = time.perf_counter()
     stride = max(1, len(patches) // n)
     sample = list(patches[::stride])[:n]
@@ -153,10 +159,29 @@ def calibrate(run: Callable[[Sequence[Patch]], Any], patches: Sequence[Patch],
             run(chosen)
             best = min(best, time.perf_counter() - t)
         timed.append(best)
-    f_one, f_sample = (float(flops_table(shape, c, [prompt]).sum()) for c in (one, sample))
+    f_one, f_sample = (float(flops_table(shape, c, prompts).sum()) for c in (one, sample))
     per_flop = max(timed[1] - timed[0], 1e-9) / max(f_sample - f_one, 1.0)
-    overhead = max(timed[0] - per_flop * f_one, 0.0)
+    overhead = max(timed[0] - per_flop * f_one, 0.0) / len(prompts)
     return Calibration(overhead, per_flop, time.perf_counter() - t0)
+
+
+def calibration_run(engine: Any, aligned: dict[PersonaPair, list], option_ids: Sequence[int]
+                    ) -> tuple[Callable[[Sequence[Patch]], Any], list[PromptShape]]:
+    """What `calibrate` times, as the exact pass runs: one prompt pair through the per-pair
+    engine; with packed batches, `CALIBRATION_PROMPTS` prompt pairs in one batch (the rate a
+    lone pair gets there is not the rate of the audit's batches)."""
+    from governance.patching.packed import Item
+
+    n = CALIBRATION_PROMPTS if getattr(engine, "packed", None) is not None else 1
+    every = [ap for aps in aligned.values() for ap in aps]
+    sample = every[:: max(1, len(every) // n)][:n]
+
+    def run(chosen: Sequence[Patch]) -> None:
+        items = [Item(ap.clean_ids, ap.corrupt_ids, ap.identity, chosen) for ap in sample]
+        for r in engine.run_many(items, option_ids):
+            r.patched.cpu()
+
+    return run, [PromptShape.of(ap.clean_ids, ap.corrupt_ids, ap.identity) for ap in sample]
 
 
 # -- choosing k -----------------------------------------------------------------------------
@@ -198,9 +223,10 @@ def fit_k(order: dict[str, dict[str, list[int]]], flops: dict[str, np.ndarray],
           n_questions: int, cal: Calibration, seconds: float, floor: str | None,
           start: dict[str, int] | None = None) -> dict[str, int]:
     """The largest k per sweep, raised one step at a time round-robin over the sweeps (every
-    sweep gets at least 1), whose estimated exact cost fits `seconds`."""
+    sweep gets at least `MIN_K`, or all of it if smaller, whatever the budget), whose
+    estimated exact cost fits `seconds`."""
     sizes = {s: len(idx) for by_sweep in order.values() for s, idx in by_sweep.items()}
-    k = dict(start) if start else dict.fromkeys(sizes, 1)
+    k = dict(start) if start else {s: min(MIN_K, n) for s, n in sizes.items()}
     grown = True
     while grown:
         grown = False
@@ -301,9 +327,10 @@ class AuditPlan:
     exact_flops: float = 0.0
     thresholds: dict[str, float] = field(default_factory=lambda: {
         "min_spearman": MIN_SPEARMAN, "min_recall": MIN_RECALL,
-        "first_pass_share": FIRST_PASS_SHARE})
+        "first_pass_share": FIRST_PASS_SHARE, "min_k": MIN_K})
     over_budget: bool = False
     elapsed_s: float = math.nan
+    reserved_s: float = 0.0  # kept for the persona pass after patching (its estimate)
     chosen: dict[str, list[Patch]] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -311,7 +338,7 @@ class AuditPlan:
         out = asdict(self)
         out.pop("chosen")
         out["elapsed_s"] = round(float(out["elapsed_s"]), 3)
-        for key in ("estimated_exact_s", "actual_exact_s", "screen_s", "budget_s"):
+        for key in ("estimated_exact_s", "actual_exact_s", "screen_s", "budget_s", "reserved_s"):
             out[key] = round(float(out[key]), 3)
         return out
 
@@ -360,10 +387,12 @@ def plan_first_pass(
     option_ids: Sequence[int],
     budget_s: float,
     workers: int = 1,
+    reserve_s: float = 0.0,
 ) -> FirstPass:
-    """Calibrate on one prompt pair, screen every pair, and pick the largest k per sweep
-    whose exact patching fits `FIRST_PASS_SHARE` of the budget left, with the questions
-    split evenly over `workers` devices of this one's speed."""
+    """Calibrate, screen every pair, and pick the largest k per sweep whose exact patching
+    fits `FIRST_PASS_SHARE` of the budget left (less `reserve_s`, kept for the audit's
+    persona pass), with the questions split evenly over `workers` devices of this one's
+    speed."""
     from governance.audit.screen import screen_pairs
 
     if workers < 1:
@@ -373,11 +402,8 @@ def plan_first_pass(
     n_q = len(aligned[pairs[0]])
     shape = ModelShape.of(loaded.model, loaded.anatomy)
     floor = next((p.label for p in pairs if p.kind == "noise_floor"), None)
-    first = aligned[pairs[0]][0]
-    cal = calibrate(
-        lambda c: engine.run(first.clean_ids, first.corrupt_ids, first.identity, c,
-                             option_ids).patched.cpu(),
-        patches, shape, PromptShape.of(first.clean_ids, first.corrupt_ids, first.identity))
+    run, prompts = calibration_run(engine, aligned, option_ids)
+    cal = calibrate(run, patches, shape, prompts, n=CALIBRATION_PATCHES // len(prompts))
     t = time.perf_counter()
     estimates = screen_pairs(loaded, aligned, patches, option_ids)
     screen_s = time.perf_counter() - t
@@ -385,7 +411,7 @@ def plan_first_pass(
         PromptShape.of(ap.clean_ids, ap.corrupt_ids, ap.identity) for ap in aligned[pair]])
         for pair in pairs}
     order = {pair.label: ranked(patches, estimates[pair]) for pair in pairs}
-    left = budget_s - (time.perf_counter() - t0)
+    left = budget_s - reserve_s - (time.perf_counter() - t0)
     k = fit_k(order, flops, n_q, cal, FIRST_PASS_SHARE * left * workers, floor)
     return FirstPass(estimates, order, flops, cal, shape, k, floor, n_q, screen_s, t0)
 
@@ -398,43 +424,46 @@ def patch_within_budget(
     option_ids: Sequence[int],
     budget_s: float,
     verify: Callable[[dict[PersonaPair, list[Patch]]], dict[PersonaPair, PairScores]],
+    reserve_s: float = 0.0,
 ) -> tuple[dict[PersonaPair, PairScores], dict[PersonaPair, np.ndarray], AuditPlan]:
-    """`plan_first_pass`, the exact pass, then widening where the screen disagreed with what
-    was verified. `verify` runs exact patching of pair -> patches on every question of each
+    """`plan_first_pass`, the exact pass, then widening (k doubled, pass after pass) of the
+    sweeps where the screen disagreed with what was verified, while the budget less
+    `reserve_s` allows. `verify` runs exact patching of pair -> patches on every question of each
     pair. Returns the exact runs, the screen's estimates and the plan (whose `chosen` is
     each pair's verified patches, by pair label)."""
-    fp = plan_first_pass(loaded, engine, aligned, patches, option_ids, budget_s)
+    fp = plan_first_pass(loaded, engine, aligned, patches, option_ids, budget_s,
+                         reserve_s=reserve_s)
     pairs = list(aligned)
     estimates, order, flops, cal, floor, n_q = (fp.estimates, fp.order, fp.flops,
                                                 fp.calibration, fp.floor, fp.n_questions)
     t0, k_first, chosen, screen_s, shape = fp.started, fp.k, fp.chosen, fp.screen_s, fp.shape
+    sizes = {s: len(idx) for s, idx in order[pairs[0].label].items()}
     estimated = cost_of(chosen, flops, n_q, cal)
     t = time.perf_counter()
     runs = verify({pair: [patches[i] for i in chosen[pair.label]] for pair in pairs})
     actual = time.perf_counter() - t
     agree = verified_agreement(*_exact_scores(runs, estimates, patches), patches)
 
-    k, widened = dict(k_first), []
-    low = low_agreement(agree)
-    if low:
-        scale = actual / estimated if estimated > 0 else 1.0  # what the first pass measured
+    k = dict(k_first)
+    while low := [s for s in low_agreement(agree) if k[s] < sizes[s]]:
+        scale = actual / estimated if estimated > 0 else 1.0  # what the passes measured
         measured = Calibration(cal.overhead_s * scale, cal.seconds_per_flop * scale,
                                cal.seconds)
-        k = widen(order, flops, n_q, measured, budget_s - (time.perf_counter() - t0), floor,
-                  k_first, low)
-        extra = _added(chosen, choose(order, k, floor))
-        if any(extra.values()):
-            estimated += cost_of(extra, flops, n_q, cal)
-            t = time.perf_counter()
-            more = verify({pair: [patches[i] for i in extra[pair.label]] for pair in pairs})
-            actual += time.perf_counter() - t
-            runs = {pair: _merge(runs[pair], more.get(pair)) for pair in pairs}
-            chosen = choose(order, k, floor)
-            widened = [s for s in low if k[s] > k_first[s]]
-            agree = verified_agreement(*_exact_scores(runs, estimates, patches), patches)
+        left = budget_s - reserve_s - (time.perf_counter() - t0)
+        wider = widen(order, flops, n_q, measured, left, floor, k, low)
+        extra = _added(chosen, choose(order, wider, floor))
+        if not any(extra.values()):
+            break
+        estimated += cost_of(extra, flops, n_q, cal)
+        t = time.perf_counter()
+        more = verify({pair: [patches[i] for i in extra[pair.label]] for pair in pairs})
+        actual += time.perf_counter() - t
+        runs = {pair: _merge(runs[pair], more.get(pair)) for pair in pairs}
+        k, chosen = wider, choose(order, wider, floor)
+        agree = verified_agreement(*_exact_scores(runs, estimates, patches), patches)
+    widened = [s for s in k if k[s] > k_first[s]]
 
     elapsed = time.perf_counter() - t0
-    sizes = {s: len(idx) for s, idx in order[pairs[0].label].items()}
     n_exact = sum(len(c) for c in chosen.values())
     plan = AuditPlan(
         budget_s=budget_s, shape=asdict(shape),
@@ -444,7 +473,7 @@ def patch_within_budget(
         exact_patches=n_exact, skipped_patches=len(pairs) * len(patches) - n_exact,
         estimated_exact_s=estimated, actual_exact_s=actual, widened=widened, agreement=agree,
         exact_flops=float(sum(flops[p][idx].sum() for p, idx in chosen.items())),
-        over_budget=elapsed > budget_s, elapsed_s=elapsed,
+        over_budget=elapsed > budget_s - reserve_s, elapsed_s=elapsed, reserved_s=reserve_s,
         chosen={label: [patches[i] for i in idx] for label, idx in chosen.items()},
     )
     return runs, estimates, plan

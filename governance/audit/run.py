@@ -97,11 +97,13 @@ def run_audit(
     chunk_rows: int | None = None,
     progress: bool = True,
     inputs: Inputs | None = None,
+    packed: bool | None = None,
 ) -> AuditResult:
     """Run the persona-patching audit of `spec` on `model` (a LoadedModel or a source that
     `governance.models.loading.load_model` accepts) and return its tables. `inputs` (from
     `prepare(spec)`) skips reading the spec's files again; they are checked before the model
-    is loaded either way."""
+    is loaded either way. `packed` chooses the engine's packed path (`PatchingEngine`; by
+    default on where it runs: a GPU in half precision)."""
     from governance.patching.engine import PatchingEngine
 
     t0 = time.perf_counter()
@@ -116,15 +118,17 @@ def run_audit(
     # prompts first: every error about personas or alignment surfaces before any compute
     aligned, skipped = align_pairs(builder, pairs, qs, spec)
 
-    engine = PatchingEngine(loaded.model, loaded.anatomy, chunk_rows=chunk_rows)
+    engine = PatchingEngine(loaded.model, loaded.anatomy, chunk_rows=chunk_rows, packed=packed)
     bar = progress_bar(len(aligned) * len(qs), "patching", progress)
     t1 = time.perf_counter()
     plan = None
     estimates: dict[PersonaPair, np.ndarray] = {}
     if spec.budget_minutes is not None:
+        reserve = persona_pass_seconds(loaded, builder, inputs, qs, spec)
         runs, estimates, plan = patch_within_budget(
             loaded, engine, aligned, patches, option_ids, spec.budget_minutes * 60,
-            lambda chosen: exact_runs(engine, aligned, chosen, option_ids, bar))
+            lambda chosen: exact_runs(engine, aligned, chosen, option_ids, bar),
+            reserve_s=reserve)
     else:
         chosen = dict.fromkeys(aligned, patches)
         if spec.screen == "atp":
@@ -165,14 +169,17 @@ def run_audit(
 def exact_runs(engine, aligned: dict[PersonaPair, list], chosen: dict[PersonaPair, list],
             option_ids, bar) -> dict[PersonaPair, PairScores]:
     """Exact patching of each pair's `chosen` patches on its questions, queued as one stream
-    across pairs (`_one_ahead`), so the host never waits for the device between pairs."""
+    across pairs (`engine.run_many`: packed batches of many prompt pairs on a GPU), one run
+    ahead (`_one_ahead`), so the host never waits for the device between pairs."""
     chosen = {pair: patches for pair, patches in chosen.items() if patches}
     n = sum(len(aligned[pair]) for pair in chosen)
     if bar.n + n > bar.total:  # a plan's second pass
         bar.total = bar.n + n
-    queued = ((pair, engine.run(ap.clean_ids, ap.corrupt_ids, ap.identity, chosen[pair],
-                                option_ids))
-              for pair in chosen for ap in aligned[pair])
+    from governance.patching.packed import Item
+
+    order = [(pair, ap) for pair in chosen for ap in aligned[pair]]
+    items = [Item(ap.clean_ids, ap.corrupt_ids, ap.identity, chosen[pair]) for pair, ap in order]
+    queued = zip((pair for pair, _ in order), engine.run_many(items, option_ids), strict=True)
     out: dict[PersonaPair, tuple[list, list, list]] = {pair: ([], [], []) for pair in chosen}
     for pair, run in _one_ahead(queued):
         clean, corrupt, patched = out[pair]
@@ -243,10 +250,7 @@ def persona_rows(loaded, builder, inputs: Inputs, qs: list[Question], spec: Audi
     """Each persona's own prompt (and the no-persona prompt) on the questions `qs`: option
     logits (question, option) and, if asked, identity mass per question (question, layer,
     head). Kept per question so that question shards merge exactly (`mean_mass`)."""
-    import torch
-
-    from governance.patching.attention import eager_attention, forward_with_attention
-    from governance.patching.sites import last_logits
+    from governance.patching.attention import eager_attention
 
     personas = involved_personas(inputs.pairs, inputs.catalogue)
     option_ids = list(builder.option_ids())
@@ -256,22 +260,97 @@ def persona_rows(loaded, builder, inputs: Inputs, qs: list[Question], spec: Audi
     with eager_attention(loaded.model) if spec.attention else nullcontext():
         for persona in [NO_PERSONA, *personas]:
             rows, mass_rows = [], []
-            for q in qs:
-                prompt = builder.encode(None if persona == NO_PERSONA else persona, q)
-                if spec.attention and persona != NO_PERSONA:
-                    out, mass = forward_with_attention(loaded.model, prompt.ids, prompt.identity)
-                    mass_rows.append(mass)
-                else:
-                    with torch.inference_mode():
-                        ids = torch.tensor([list(prompt.ids)], device=loaded.device)
-                        out = last_logits(loaded.model, ids)[0].float()
-                rows.append(out[option_ids].cpu().numpy())
-                bar.update(1)
+            if _batched(loaded, spec, persona):
+                for out in _batched_logits(loaded, [_ids(builder, persona, q) for q in qs]):
+                    rows.append(out[option_ids].cpu().numpy())
+                bar.update(len(qs))
+            else:
+                for q in qs:
+                    out, mass = _persona_forward(loaded, builder, persona, q, spec.attention)
+                    if mass is not None:
+                        mass_rows.append(mass)
+                    rows.append(out[option_ids].cpu().numpy())
+                    bar.update(1)
             logits[persona] = np.stack(rows)
             if mass_rows:
                 masses[persona] = np.stack(mass_rows)
     bar.close()
     return logits, masses
+
+
+PERSONA_BATCH = 16  # prompts of one forward in the persona pass on a GPU
+
+
+def _batched(loaded, spec: AuditSpec, persona: str) -> bool:
+    """Whether a persona's prompts run in right-padded batches: on a GPU, where one prompt
+    alone leaves it idle, unless attention is read (one prompt at a time, eager). On a CPU
+    one at a time, so that question shards merge bit for bit."""
+    return loaded.device.type == "cuda" and not (spec.attention and persona != NO_PERSONA)
+
+
+def _ids(builder, persona: str, q: Question) -> list[int]:
+    return list(builder.encode(None if persona == NO_PERSONA else persona, q).ids)
+
+
+def _batched_logits(loaded, prompts: list[list[int]]) -> Iterator[Any]:
+    """Last logits (vocab,) of each prompt, `PERSONA_BATCH` at a time, right-padded: under
+    causal attention a prompt's tokens never see the padding after them."""
+    import torch
+
+    from governance.patching.sites import last_logits
+
+    for start in range(0, len(prompts), PERSONA_BATCH):
+        chunk = prompts[start : start + PERSONA_BATCH]
+        ids = torch.zeros(len(chunk), max(map(len, chunk)), dtype=torch.long)
+        for row, p in enumerate(chunk):
+            ids[row, : len(p)] = torch.tensor(p)
+        with torch.inference_mode():
+            out = last_logits(loaded.model, ids.to(loaded.device), cache=True,
+                              positions=[len(p) - 1 for p in chunk])
+        yield from out.float()
+
+
+def _persona_forward(loaded, builder, persona: str, q: Question, attention: bool):
+    """One persona prompt (the no-persona prompt for `NO_PERSONA`): its last logits (vocab,)
+    and, with `attention` and a persona, its identity mass (layer, head), else None."""
+    import torch
+
+    from governance.patching.attention import forward_with_attention
+    from governance.patching.sites import last_logits
+
+    prompt = builder.encode(None if persona == NO_PERSONA else persona, q)
+    if attention and persona != NO_PERSONA:
+        return forward_with_attention(loaded.model, prompt.ids, prompt.identity)
+    with torch.inference_mode():
+        ids = torch.tensor([list(prompt.ids)], device=loaded.device)
+        return last_logits(loaded.model, ids)[0].float(), None
+
+
+def persona_pass_seconds(loaded, builder, inputs: Inputs, qs: list[Question],
+                         spec: AuditSpec) -> float:
+    """What `persona_rows` will take, estimated before patching (an audit plan keeps it out
+    of the patching budget): a persona's prompts on a few questions, timed after a warm-up
+    and read back, per prompt, times the prompts the pass runs."""
+    from governance.patching.attention import eager_attention
+
+    personas = involved_personas(inputs.pairs, inputs.catalogue)
+    persona = next(iter(personas), NO_PERSONA)
+    sample = qs[:: max(1, len(qs) // PERSONA_BATCH)][:PERSONA_BATCH]
+
+    def one_pass() -> float:
+        t = time.perf_counter()
+        if _batched(loaded, spec, persona):
+            for out in _batched_logits(loaded, [_ids(builder, persona, q) for q in sample]):
+                out.cpu()
+            return (time.perf_counter() - t) / len(sample)
+        for q in sample[:3]:
+            _persona_forward(loaded, builder, persona, q, spec.attention)[0].cpu()
+        return (time.perf_counter() - t) / len(sample[:3])
+
+    with eager_attention(loaded.model) if spec.attention else nullcontext():
+        one_pass()  # warm-up
+        per_prompt = one_pass()
+    return per_prompt * (len(personas) + 1) * len(qs)
 
 
 def mean_mass(per_question: np.ndarray) -> np.ndarray:
@@ -312,5 +391,6 @@ def audit_meta(spec: AuditSpec, inputs: Inputs, loaded, builder, patches: list,
         "skipped_pairs": skipped,
         "versions": _versions(),
         "run": {"chunk_rows": chunk_rows, "fused_layers": engine.fused is not None,
-                "compiled_kernels": engine.fused is not None and engine.fused.compiled},
+                "compiled_kernels": engine.fused is not None and engine.fused.compiled,
+                "packed_batches": engine.packed is not None},
     }

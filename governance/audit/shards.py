@@ -40,6 +40,7 @@ from governance.audit.run import (
     exact_runs,
     load_setup,
     mean_mass,
+    persona_pass_seconds,
     persona_rows,
     progress_bar,
     prompt_record,
@@ -215,8 +216,10 @@ def choose_patches(model: Any, spec: AuditSpec, *, inputs: Inputs | None = None,
         from governance.patching.engine import PatchingEngine
 
         engine = PatchingEngine(loaded.model, loaded.anatomy)
+        # each shard runs the persona pass on its share of the questions
+        reserve = persona_pass_seconds(loaded, builder, inputs, inputs.questions, spec) / workers
         first = plan_first_pass(loaded, engine, aligned, patches, option_ids,
-                                spec.budget_minutes * 60, workers=workers)
+                                spec.budget_minutes * 60, workers=workers, reserve_s=reserve)
         picked = first.chosen_patches(patches)
         return {pair.label: ScreenChoice(patches, first.estimates[pair], picked[pair.label])
                 for pair in aligned}

@@ -80,8 +80,9 @@ class AuditSpec(BaseModel):
         None, gt=0, description="with screen atp: exact-patch only the top k of each sweep"
     )
     budget_minutes: float | None = Field(
-        None, gt=0, description="with screen atp: choose k per sweep so that patching fits "
-        "this many minutes on the device it runs on (governance/audit/plan.py)"
+        None, gt=0, description="with screen atp: choose k per sweep so that the audit "
+        "(patching and the persona pass) fits this many minutes on the device it runs on, "
+        "with at least each sweep's top 10 exact (governance/audit/plan.py)"
     )
 
     @model_validator(mode="after")

@@ -24,6 +24,7 @@ from transformers import Cache
 from governance.models.architectures import Anatomy
 from governance.names import COMPONENTS, POSITIONS
 from governance.patching.fused import FusedDecoder, unfusable_reason
+from governance.patching.packed import Item, PackedRunner, varlen_available
 from governance.patching.sites import (
     Edit,
     Site,
@@ -222,6 +223,11 @@ class PatchingEngine:
     `chunk_rows` bounds the rows of one forward (memory). None (default): 32 on a CPU; on a
     GPU as many as fit a quarter of its free memory (`rows_for_memory`), since a GPU only
     reaches its matmul rate with large batches.
+
+    `packed` makes `run_many` run the rows of many prompt pairs in one forward
+    (`governance.patching.packed`); None (default) turns it on where variable-length flash
+    attention runs (CUDA, half precision) and the fused layers do. `pack_tokens` bounds a
+    packed batch's row tokens (default: a quarter of the GPU's free memory; 4096 on a CPU).
     """
 
     def __init__(
@@ -234,6 +240,8 @@ class PatchingEngine:
         prefix: bool = True,
         fused: bool | None = None,
         compiled: bool | None = None,
+        packed: bool | None = None,
+        pack_tokens: int | None = None,
     ) -> None:
         if chunk_rows is not None and chunk_rows < 1:
             raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
@@ -252,6 +260,16 @@ class PatchingEngine:
             FusedDecoder(model, anatomy, compiled=on_cuda if compiled is None else compiled)
             if fused else None
         )
+        dtype = next(model.parameters()).dtype
+        flash = varlen_available(self.device, dtype)
+        if packed is None:
+            packed = self.fused is not None and flash
+        if packed and self.fused is None:
+            raise ValueError("the packed path runs the fused layers: it needs fused=True")
+        self.packed = PackedRunner(self.fused, anatomy, flash=flash) if packed else None
+        if pack_tokens is not None and pack_tokens < 1:
+            raise ValueError(f"pack_tokens must be at least 1, got {pack_tokens}")
+        self.pack_tokens = pack_tokens
 
     @property
     def device(self) -> torch.device:
@@ -294,6 +312,63 @@ class PatchingEngine:
         else:
             patched = self._run_hooked(question)
         return PairRun(_pick(clean_logits[0], options), corrupt_kept, patched)
+
+    def run_many(self, items: Sequence[Item],
+                 option_ids: Sequence[int] | None = None) -> Iterator[PairRun]:
+        """`run` of every item, in order. With `packed`, the items run in packed batches
+        (bounded by `pack_tokens`), each batch queued before the previous one's results are
+        handed out, so reading them back never leaves the GPU idle."""
+        if self.packed is None:
+            for it in items:
+                yield self.run(it.clean_ids, it.corrupt_ids, it.identity, it.patches,
+                               option_ids)
+            return
+        options = None if option_ids is None else to_device(list(option_ids), self.device)
+        ready: list[PairRun] = []
+        for batch in self._batches(items):
+            if not isinstance(batch, list):  # an item the packed path cannot run
+                runs = [self.run(batch.clean_ids, batch.corrupt_ids, batch.identity,
+                                 batch.patches, option_ids)]
+            else:
+                clean, corrupt, patched = self.packed.run(batch, options)
+                runs = [PairRun(clean[j], corrupt[j], patched[j]) for j in range(len(batch))]
+            yield from ready
+            ready = runs
+        yield from ready
+
+    def _batches(self, items: Sequence[Item]) -> Iterator[list[Item] | Item]:
+        """Consecutive items in packed batches of at most `pack_tokens` tokens (recording
+        and rows); an item alone where its prompt needs the model's own sliding-window
+        mask."""
+        assert self.fused is not None
+        self.fused.refresh()
+        budget = self.tokens_per_batch()
+        batch: list[Item] = []
+        tokens = 0
+        for it in items:
+            if self.fused.layer_kwargs(len(it.clean_ids)) is None:
+                if batch:
+                    yield batch
+                batch, tokens = [], 0
+                yield it
+                continue
+            n = packed_tokens(it)
+            if batch and tokens + n > budget:
+                yield batch
+                batch, tokens = [], 0
+            batch.append(it)
+            tokens += n
+        if batch:
+            yield batch
+
+    def tokens_per_batch(self) -> int:
+        """Tokens of one packed batch: `pack_tokens` if set; else 4096 on a CPU and, on a
+        GPU, as many as fit a quarter of its free memory."""
+        if self.pack_tokens is not None:
+            return self.pack_tokens
+        if self.device.type != "cuda":
+            return 4096
+        return self._rows_in_memory(1, most=1 << 18)
 
     @torch.inference_mode()
     def run_edits(
@@ -466,6 +541,9 @@ class PatchingEngine:
             return self.chunk_rows
         if self.device.type != "cuda":
             return 32
+        return self._rows_in_memory(length, most=1024)
+
+    def _rows_in_memory(self, length: int, most: int) -> int:
         if self._memory_budget is None:
             # asked once: the driver's free-memory query waits for the GPU, and a query per
             # question cost an H200 audit a third of its speed (the host stopped running ahead)
@@ -477,7 +555,7 @@ class PatchingEngine:
         element = next(self.model.parameters()).element_size()
         ff = getattr(self.model.config, "intermediate_size", None) or 4 * self.anatomy.d_model
         return rows_for_memory(self.anatomy, ff, length, element, self._memory_budget,
-                               hooked=self.fused is None)
+                               hooked=self.fused is None, most=most)
 
     def _resume(self, inputs: _LayerInputs, starts: list[int], edits: dict[Site, Edit],
                 options: torch.Tensor | None) -> torch.Tensor:
@@ -542,6 +620,14 @@ def _pick(logits: torch.Tensor, options: torch.Tensor | None) -> torch.Tensor:
     """The option tokens' logits (..., n_options) of `logits` (..., vocab), all if None,
     in fp32."""
     return (logits if options is None else logits[..., options]).float()
+
+
+def packed_tokens(item: Item) -> int:
+    """Tokens one prompt pair adds to a packed batch: its clean and corrupted prompts,
+    and each patch's row from its begin on."""
+    n = len(item.clean_ids)
+    begins = patch_begins(position_masks(n, item.identity), item.clean_ids, item.corrupt_ids)
+    return 2 * n + sum(n - begins[p.positions] for p in item.patches)
 
 
 def patch_begins(masks: dict[str, torch.Tensor], clean_ids: Sequence[int],

@@ -36,7 +36,7 @@ from governance.patching.sites import Edit, Site
 FUSED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     dtype = x.dtype
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
@@ -46,10 +46,10 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 def _add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float):
     """x += delta (in place: x is the residual stream); returns rms_norm(x)."""
     x.add_(delta)
-    return _rms_norm(x, weight, eps)
+    return rms_norm(x, weight, eps)
 
 
-def _rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """RoPE on (n, pos, heads, d_head) with cos/sin (1, pos, d_head), same layout out."""
     half = t.shape[-1] // 2
     rotated = torch.cat((-t[..., half:], t[..., :half]), dim=-1)
@@ -61,8 +61,8 @@ def _keys(k, cos, sin, n_kv: int, d_head: int, k_norm: torch.Tensor | None, eps:
     """Rotated keys (n, pos, kv heads, d_head) at cos/sin's positions."""
     k = k.view(*k.shape[:2], n_kv, d_head)
     if k_norm is not None:
-        k = _rms_norm(k, k_norm, eps)
-    return _rotate(k, cos, sin)
+        k = rms_norm(k, k_norm, eps)
+    return rotate(k, cos, sin)
 
 
 def _queries_keys_values(q, k, v, cos, sin, n_heads: int, n_kv: int, d_head: int,
@@ -75,11 +75,11 @@ def _queries_keys_values(q, k, v, cos, sin, n_heads: int, n_kv: int, d_head: int
     writes each when compiled)."""
     q = q.view(*q.shape[:2], n_heads, d_head)
     if q_norm is not None:
-        q = _rms_norm(q, q_norm, eps)
+        q = rms_norm(q, q_norm, eps)
     at_q = slice(cos.shape[1] - q.shape[1], None)
     key = _keys(k, cos, sin, n_kv, d_head, k_norm, eps)
     v = v.view(*v.shape[:2], n_kv, d_head)
-    q = _rotate(q, cos[:, at_q], sin[:, at_q])
+    q = rotate(q, cos[:, at_q], sin[:, at_q])
     if prefix is not None:
         n = key.shape[0]
 
@@ -119,7 +119,7 @@ class _Kernels:
 
     @classmethod
     def build(cls, compiled: bool) -> _Kernels:
-        fns = (_rms_norm, _add_rms_norm, _queries_keys_values, _silu_mul)
+        fns = (rms_norm, _add_rms_norm, _queries_keys_values, _silu_mul)
         if compiled:
             # Automatic dynamic shapes: a second row count recompiles with only the row
             # dimension symbolic, so feature sizes (and vector alignment) stay static;
@@ -129,7 +129,7 @@ class _Kernels:
 
 
 @dataclass
-class _LayerWeights:
+class LayerWeights:
     ln1: torch.Tensor
     ln2: torch.Tensor
     eps: float
@@ -194,7 +194,7 @@ class FusedDecoder:
         self.anatomy = anatomy
         self.compiled = compiled
         self.kernels = _Kernels.build(compiled)
-        self._weights: list[_LayerWeights] = []
+        self._weights: list[LayerWeights] = []
         self._fingerprint: tuple = ()
         self._layer_kwargs: dict[int, dict] = {}
 
@@ -211,6 +211,10 @@ class FusedDecoder:
         self._weights = [self._fuse(self.anatomy.layer(i)) for i in range(self.anatomy.n_layers)]
         self._layer_kwargs.clear()
         self._fingerprint = fingerprint
+
+    def weights(self, i: int) -> LayerWeights:
+        """Layer i's fused weights (as of the last `refresh`)."""
+        return self._weights[i]
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         """The residual stream entering layer 0 for token ids (n, pos)."""
@@ -240,7 +244,7 @@ class FusedDecoder:
         position s share before themselves."""
         w, a = self._weights[i], self.anatomy
         dq, dkv = a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim
-        qkv = F.linear(_rms_norm(hidden, w.ln1, w.eps), w.qkv, w.qkv_bias)
+        qkv = F.linear(rms_norm(hidden, w.ln1, w.eps), w.qkv, w.qkv_bias)
         cos, sin = layer_kwargs["position_embeddings"]
         s = hidden.shape[1]
         return _queries_keys_values(qkv[..., :dq], qkv[..., dq : dq + dkv], qkv[..., dq + dkv :],
@@ -248,10 +252,10 @@ class FusedDecoder:
                                     a.head_dim, w.q_norm, w.k_norm, w.qk_eps)
 
     @staticmethod
-    def _fuse(layer: nn.Module) -> _LayerWeights:
+    def _fuse(layer: nn.Module) -> LayerWeights:
         attn, mlp = layer.self_attn, layer.mlp
         q_norm, k_norm = getattr(attn, "q_norm", None), getattr(attn, "k_norm", None)
-        return _LayerWeights(
+        return LayerWeights(
             ln1=layer.input_layernorm.weight,
             ln2=layer.post_attention_layernorm.weight,
             eps=layer.input_layernorm.variance_epsilon,

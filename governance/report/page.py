@@ -236,9 +236,12 @@ def _plan_section(plan: dict[str, Any]) -> list[str]:
              "screen spearman": agree.get(s, {}).get("spearman"),
              "screen recall": agree.get(s, {}).get("recall")}
             for s, k in plan["k"].items()]
-    over = " It ran over its budget." if plan.get("over_budget") else ""
+    over = " Patching ran over what the budget left it." if plan.get("over_budget") else ""
+    reserved = plan.get("reserved_s") or 0.0
+    kept = (f" {_fmt(reserved)} s of it were kept for the persona pass (estimated)."
+            if reserved else "")
     return ["<h2>Audit plan: estimated and exact</h2>",
-            f'<p class="note">Budget {_fmt(plan["budget_s"] / 60)} min. Every patch was '
+            f'<p class="note">Budget {_fmt(plan["budget_s"] / 60)} min.{kept} Every patch was '
             f"estimated by the AtP screen ({_fmt(plan['screen_s'])} s); only the top k of each "
             f"sweep per pair was patched exactly ({plan['exact_patches']} patch-pairs, "
             f"estimated {_fmt(plan['estimated_exact_s'])} s, took "

@@ -64,8 +64,9 @@ def add_cli(sub) -> None:
                    help="exact-patch the top K of each sweep after the screen (implies "
                         "--screen atp)")
     p.add_argument("--budget-minutes", type=float, metavar="M",
-                   help="choose K per sweep so that patching fits M minutes on this device "
-                        "(implies --screen atp; the plan is recorded in audit.json)")
+                   help="choose K per sweep so that the audit fits M minutes on this device, "
+                        "each sweep's top 10 exact at least (implies --screen atp; the plan "
+                        "is recorded in audit.json)")
     p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--dtype", help="float32, bfloat16 or float16 (default: fp32 on CPU, "
                                    "bf16 on CUDA)")
