@@ -443,15 +443,17 @@ def report(errors: list[Error], engines: Sequence[str], slack: float, reference:
     return ok
 
 
-def audit_line(args, prompts: list[Prompt], t_engine: float) -> None:
-    """Time `run_audit`'s patching stage on the benchmark's own questions, pair and sweeps
-    (screen, bootstrap and attention off), beside the engine's time on the same prompts."""
+def audit_time(args, prompts: list[Prompt]) -> tuple[float, bool, int] | None:
+    """`run_audit`'s patching stage on the benchmark's own questions, pair and sweeps
+    (screen, bootstrap and attention off), timed right after the engine so that both run in
+    the same state of the process (warmed up, nothing else in between; a run after the AtP
+    screen's backward passes came out about 10% slower on a CPU). Returns its seconds,
+    whether its prompts are the benchmark's, and how many; None without --model."""
     from governance.audit.run import run_audit
     from governance.audit.spec import AuditSpec
 
     if getattr(args, "audit_inputs", None) is None:
-        print("--audit needs --model: a random-weight --shape has no questions or tokenizer")
-        return
+        return None
     loaded, questions = args.audit_inputs
     spec = AuditSpec(n_questions=None, pairs=[("a Black person", "a White person")],
                      noise_floor=False, components=tuple(args.sweeps), bootstrap=0,
@@ -460,9 +462,16 @@ def audit_line(args, prompts: list[Prompt], t_engine: float) -> None:
                        progress=False)
     same = sorted(tuple(p["corrupt_ids"]) for p in result.prompts) == sorted(
         tuple(p.corrupt) for p in prompts)
-    t_audit = result.meta["timings_s"]["patching"]
+    return result.meta["timings_s"]["patching"], same, len(result.prompts)
+
+
+def audit_line(timed: tuple[float, bool, int] | None, t_engine: float) -> None:
+    if timed is None:
+        print("--audit needs --model: a random-weight --shape has no questions or tokenizer")
+        return
+    t_audit, same, n = timed
     print(f"audit (run_audit) patching stage {t_audit:9.2f} s on "
-          f"{'the same' if same else 'DIFFERENT'} {len(result.prompts)} prompt pairs: "
+          f"{'the same' if same else 'DIFFERENT'} {n} prompt pairs: "
           f"{t_audit / t_engine:.2f}x the engine's {t_engine:.2f} s")
 
 
@@ -525,6 +534,7 @@ def main(argv: list[str] | None = None, *, engine_error: float = 0.0) -> int:
     t_ours, ours = time_engine(engine, prompts, patches, options, device, args.warmup)
     ours = with_error(ours, engine_error)
     mem_ours = peak_memory_gb(device)
+    audit_timed = audit_time(args, prompts) if args.audit else None
     s_ours = scores_of(ours)
     kind = "fused" if engine.fused is not None else "hooked"
     engines = [f"engine ({kind})"]
@@ -568,7 +578,7 @@ def main(argv: list[str] | None = None, *, engine_error: float = 0.0) -> int:
                   f"the exact top-20 {agree['recall_at_20']:.2f} (n={int(agree['n'])})")
 
     if args.audit:
-        audit_line(args, prompts, t_ours)
+        audit_line(audit_timed, t_ours)
 
     # The engine with the model cast to each other dtype asked for, once, on every patch that
     # is compared: the sweeps, and in low precision the head sweep TransformerLens runs.
