@@ -102,6 +102,17 @@ def test_batches_split_by_tokens_and_keep_the_order(tokenizer, aligned):
         torch.testing.assert_close(x.patched, y.patched, atol=1e-5, rtol=1e-5)
 
 
+def test_a_batch_counts_the_keys_of_last_position_rows(tokenizer, aligned):
+    """A last-position row computes one token but holds its prompt's keys and values: the
+    batch bound counts them, so many such rows cannot outgrow memory unseen."""
+    a = aligned[1]
+    n = len(a.clean_ids)
+    last = [Patch("head", 0, "last", h) for h in range(4)]
+    item = Item(a.clean_ids, a.corrupt_ids, a.identity, last)
+    assert packed_tokens(item) == 2 * n + 4  # one computed token a row
+    assert packed_tokens(item, 0.25) == 2 * n + 4 + 0.25 * n * 4
+
+
 def test_sliding_window_prompts_run_one_at_a_time(tokenizer, aligned):
     """A prompt longer than a sliding window needs the model's own mask: it leaves the
     packed batch and runs through the per-pair engine, with the same answer as the loop."""

@@ -343,19 +343,25 @@ class PatchingEngine:
         assert self.fused is not None
         self.fused.refresh()
         budget = self.tokens_per_batch()
+        a = self.anatomy
+        ff = getattr(self.model.config, "intermediate_size", None) or 4 * a.d_model
+        # a row's keys and values (its prefix's and its own) cost 2 kv widths a token, where
+        # a computed token costs `rows_for_memory`'s width: last-position rows are one token
+        # with a prompt's worth of keys
+        key_share = 2 * a.n_kv_heads * a.head_dim / token_width(a, ff)
         batch: list[Item] = []
-        tokens = 0
+        tokens = 0.0
         for it in items:
             if self.fused.layer_kwargs(len(it.clean_ids)) is None:
                 if batch:
                     yield batch
-                batch, tokens = [], 0
+                batch, tokens = [], 0.0
                 yield it
                 continue
-            n = packed_tokens(it)
+            n = packed_tokens(it, key_share)
             if batch and tokens + n > budget:
                 yield batch
-                batch, tokens = [], 0
+                batch, tokens = [], 0.0
             batch.append(it)
             tokens += n
         if batch:
@@ -622,12 +628,14 @@ def _pick(logits: torch.Tensor, options: torch.Tensor | None) -> torch.Tensor:
     return (logits if options is None else logits[..., options]).float()
 
 
-def packed_tokens(item: Item) -> int:
-    """Tokens one prompt pair adds to a packed batch: its clean and corrupted prompts,
-    and each patch's row from its begin on."""
+def packed_tokens(item: Item, key_share: float = 0.0) -> float:
+    """Tokens one prompt pair adds to a packed batch: its clean and corrupted prompts, each
+    patch's row from its begin on, and `key_share` of a token for each key a row attends
+    to (its whole prompt)."""
     n = len(item.clean_ids)
     begins = patch_begins(position_masks(n, item.identity), item.clean_ids, item.corrupt_ids)
-    return 2 * n + sum(n - begins[p.positions] for p in item.patches)
+    return (2 * n + sum(n - begins[p.positions] for p in item.patches)
+            + key_share * n * len(item.patches))
 
 
 def patch_begins(masks: dict[str, torch.Tensor], clean_ids: Sequence[int],
@@ -659,11 +667,14 @@ def rows_for_memory(anatomy: Anatomy, d_ff: int, length: int, element_size: int,
     residual stream, normed input, q/k/v, attention and MLP outputs and the gate/up
     intermediates, held together at a layer's peak (twice that on the hooked path, whose
     edits copy tensors and whose modules keep more alive); between 1 and `most`."""
-    a = anatomy
-    width = (4 * a.d_model + (a.n_heads + 2 * a.n_kv_heads) * a.head_dim
-             + a.n_heads * a.head_dim + 3 * d_ff)
-    per_row = width * length * element_size * (2 if hooked else 1)
+    per_row = token_width(anatomy, d_ff) * length * element_size * (2 if hooked else 1)
     return max(1, min(most, budget // max(per_row, 1)))
+
+
+def token_width(a: Anatomy, d_ff: int) -> int:
+    """Elements one computed token holds at a layer's peak (`rows_for_memory`)."""
+    return (4 * a.d_model + (a.n_heads + 2 * a.n_kv_heads) * a.head_dim
+            + a.n_heads * a.head_dim + 3 * d_ff)
 
 
 def to_device(data: torch.Tensor | Sequence[Any], device: torch.device) -> torch.Tensor:
