@@ -280,13 +280,7 @@ class PackedRunner:
             q, k, v = self._qkv(i, h, cos, sin, cos, sin)
             kv_store.append((k[lay.n_clean:].clone(), v[lay.n_clean:].clone()))
             z = packed_attention(q, k, v, cu_rec, cu_rec, True, w.scaling, self.flash)
-            self._keep(sources, idx, ("head", i), z)
-            attn_out = F.linear(z.reshape(len(z), -1), w.o, w.o_bias)
-            self._keep(sources, idx, ("attn_out", i), attn_out)
-            h = fused.kernels.add_rms_norm(x, attn_out, w.ln2, w.eps)
-            mlp_out = self._mlp(w, h)
-            self._keep(sources, idx, ("mlp_out", i), mlp_out)
-            x.add_(mlp_out)
+            self._finish_layer(w, x, z, lambda c, t, i=i: self._keep(sources, idx, (c, i), t))
         ends = put(lay.rec_off[1:] - 1)
         logits = a.unembed(x[ends], options).float()  # (2 items, n_logits)
         n = len(items)
@@ -341,13 +335,7 @@ class PackedRunner:
             else:
                 z = packed_attention(q, k_all, v_all, lay.row_off[: n_act + 1], cu_k, True,
                                      w.scaling, self.flash)
-            self._apply(sources, idx, ("head", i), z)
-            attn_out = F.linear(z.reshape(len(z), -1), w.o, w.o_bias)
-            self._apply(sources, idx, ("attn_out", i), attn_out)
-            h = fused.kernels.add_rms_norm(x, attn_out, w.ln2, w.eps)
-            mlp_out = self._mlp(w, h)
-            self._apply(sources, idx, ("mlp_out", i), mlp_out)
-            x.add_(mlp_out)
+            self._finish_layer(w, x, z, lambda c, t, i=i: self._apply(sources, idx, (c, i), t))
         return a.unembed(x, options).float()  # x: the final layer's rows, (rows, d_model)
 
     def _qkv(self, i, h, cos_q, sin_q, cos_k, sin_k, q_at: torch.Tensor | None = None):
@@ -365,6 +353,18 @@ class PackedRunner:
             cos_q, sin_q = cos_q[q_at], sin_q[q_at]
         return self._rope(q, k, v, cos_q, sin_q, cos_k, sin_k, a.n_heads, a.n_kv_heads,
                           a.head_dim, w.q_norm, w.k_norm, w.qk_eps)
+
+    def _finish_layer(self, w, x: torch.Tensor, z: torch.Tensor, at) -> None:
+        """The layer after attention, updating the stream x (T, d_model) in place from the
+        heads' outputs z (T, H, D); `at(component, tensor)` sees (recording) or edits (rows)
+        the head, attn_out and mlp_out tensors in turn."""
+        at("head", z)
+        attn_out = F.linear(z.reshape(len(z), -1), w.o, w.o_bias)
+        at("attn_out", attn_out)
+        h = self.fused.kernels.add_rms_norm(x, attn_out, w.ln2, w.eps)
+        mlp_out = self._mlp(w, h)
+        at("mlp_out", mlp_out)
+        x.add_(mlp_out)
 
     def _mlp(self, w, h: torch.Tensor) -> torch.Tensor:
         up = self.fused.kernels.silu_mul(F.linear(h, w.gate_up, w.gate_up_bias))
