@@ -247,7 +247,7 @@ def test_screen_agreement_measures(estimate, spearman, recall):
 def test_results_are_read_back_one_question_behind():
     """The audit reads question k's results (a device sync on a GPU) only after question k+1
     is queued, and still yields every result once, in order."""
-    from governance.audit.run import _one_ahead
+    from governance.patching.engine import one_ahead as _one_ahead
 
     produced = []
 

@@ -55,6 +55,17 @@ def test_gpu_defaults_match_the_reference_loop_in_fp32(arch):
         torch.testing.assert_close(run.patched, ref.float(), atol=1e-5, rtol=1e-5)
 
 
+def _assert_bf16_within_tolerance(r32, r16):
+    """fp32 logits out; every patched logit within 3% of the fp32 logits' range of its fp32
+    value; each patch's effect (distance from the corrupted run) ranked the same."""
+    assert r16.patched.dtype == torch.float32
+    span = float(r32.patched.max() - r32.patched.min())
+    assert float((r16.patched - r32.patched).abs().max()) <= 0.03 * span
+    effect32 = (r32.patched - r32.corrupt).norm(dim=-1).cpu().numpy()
+    effect16 = (r16.patched - r16.corrupt).norm(dim=-1).cpu().numpy()
+    assert np.corrcoef(effect32, effect16)[0, 1] >= 0.999
+
+
 def test_bf16_matches_fp32_within_stated_tolerance():
     """bf16 weights, fp32 logits out: every patched logit within 3% of the fp32 logits' range
     of its fp32 value, and each patch's effect (distance from the corrupted run) the same
@@ -67,12 +78,7 @@ def test_bf16_matches_fp32_within_stated_tolerance():
     model.to(torch.bfloat16)
     bf16 = [engine.run(c, k, i, patches) for c, k, i in prompts]
     for r32, r16 in zip(fp32, bf16, strict=True):
-        assert r16.patched.dtype == torch.float32
-        span = float(r32.patched.max() - r32.patched.min())
-        assert float((r16.patched - r32.patched).abs().max()) <= 0.03 * span
-        effect32 = (r32.patched - r32.corrupt).norm(dim=-1).cpu().numpy()
-        effect16 = (r16.patched - r16.corrupt).norm(dim=-1).cpu().numpy()
-        assert np.corrcoef(effect32, effect16)[0, 1] >= 0.999
+        _assert_bf16_within_tolerance(r32, r16)
 
 
 def test_batched_atp_on_gpu_equals_one_prompt_at_a_time():
@@ -137,12 +143,7 @@ def test_packed_bf16_matches_fp32_within_stated_tolerance():
     engine = PatchingEngine(model, a)
     assert engine.packed is not None and engine.packed.flash
     for r32, r16 in zip(fp32, engine.run_many(items), strict=True):
-        assert r16.patched.dtype == torch.float32
-        span = float(r32.patched.max() - r32.patched.min())
-        assert float((r16.patched - r32.patched).abs().max()) <= 0.03 * span
-        effect32 = (r32.patched - r32.corrupt).norm(dim=-1).cpu().numpy()
-        effect16 = (r16.patched - r16.corrupt).norm(dim=-1).cpu().numpy()
-        assert np.corrcoef(effect32, effect16)[0, 1] >= 0.999
+        _assert_bf16_within_tolerance(r32, r16)
 
 
 def test_packed_fp32_on_gpu_matches_the_reference_loop():

@@ -172,7 +172,7 @@ def calibration_run(engine: Any, aligned: dict[PersonaPair, list], option_ids: S
     lone pair gets there is not the rate of the audit's batches)."""
     from governance.patching.packed import Item
 
-    n = CALIBRATION_PROMPTS if getattr(engine, "packed", None) is not None else 1
+    n = CALIBRATION_PROMPTS if engine.packed is not None else 1
     every = [ap for aps in aligned.values() for ap in aps]
     sample = every[:: max(1, len(every) // n)][:n]
 

@@ -15,9 +15,9 @@ import logging
 import os
 import platform
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import nullcontext
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -69,22 +69,6 @@ def _versions() -> dict[str, str]:
         "numpy": np.__version__,
         "pandas": pd.__version__,
     }
-
-
-T = TypeVar("T")
-_END: Any = object()
-
-
-def _one_ahead(items: Iterable[T]) -> Iterator[T]:
-    """Yield each item once the next has been produced: the host queues question k+1 on a
-    GPU before reading question k's results back (a device sync), so the GPU never idles."""
-    it = iter(items)
-    previous = next(it, _END)
-    for item in it:
-        yield previous
-        previous = item
-    if previous is not _END:
-        yield previous
 
 
 def run_audit(
@@ -169,8 +153,9 @@ def run_audit(
 def exact_runs(engine, aligned: dict[PersonaPair, list], chosen: dict[PersonaPair, list],
             option_ids, bar) -> dict[PersonaPair, PairScores]:
     """Exact patching of each pair's `chosen` patches on its questions, queued as one stream
-    across pairs (`engine.run_many`: packed batches of many prompt pairs on a GPU), one run
-    ahead (`_one_ahead`), so the host never waits for the device between pairs."""
+    across pairs (`engine.run_many`: packed batches of many prompt pairs on a GPU, each read
+    back only once the next is queued), so the host never waits for the device between
+    pairs."""
     chosen = {pair: patches for pair, patches in chosen.items() if patches}
     n = sum(len(aligned[pair]) for pair in chosen)
     if bar.n + n > bar.total:  # a plan's second pass
@@ -181,7 +166,7 @@ def exact_runs(engine, aligned: dict[PersonaPair, list], chosen: dict[PersonaPai
     items = [Item(ap.clean_ids, ap.corrupt_ids, ap.identity, chosen[pair]) for pair, ap in order]
     queued = zip((pair for pair, _ in order), engine.run_many(items, option_ids), strict=True)
     out: dict[PersonaPair, tuple[list, list, list]] = {pair: ([], [], []) for pair in chosen}
-    for pair, run in _one_ahead(queued):
+    for pair, run in queued:
         clean, corrupt, patched = out[pair]
         clean.append(run.clean.cpu().numpy())
         corrupt.append(run.corrupt.cpu().numpy())
@@ -288,8 +273,13 @@ def _batched(loaded, spec: AuditSpec, persona: str) -> bool:
     return loaded.device.type == "cuda" and not (spec.attention and persona != NO_PERSONA)
 
 
+def _encode(builder, persona: str, q: Question):
+    """The prompt of `persona` (none for `NO_PERSONA`) on question q."""
+    return builder.encode(None if persona == NO_PERSONA else persona, q)
+
+
 def _ids(builder, persona: str, q: Question) -> list[int]:
-    return list(builder.encode(None if persona == NO_PERSONA else persona, q).ids)
+    return list(_encode(builder, persona, q).ids)
 
 
 def _batched_logits(loaded, prompts: list[list[int]]) -> Iterator[Any]:
@@ -318,7 +308,7 @@ def _persona_forward(loaded, builder, persona: str, q: Question, attention: bool
     from governance.patching.attention import forward_with_attention
     from governance.patching.sites import last_logits
 
-    prompt = builder.encode(None if persona == NO_PERSONA else persona, q)
+    prompt = _encode(builder, persona, q)
     if attention and persona != NO_PERSONA:
         return forward_with_attention(loaded.model, prompt.ids, prompt.identity)
     with torch.inference_mode():

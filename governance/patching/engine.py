@@ -15,7 +15,7 @@ import copy
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 from torch import nn
@@ -315,26 +315,26 @@ class PatchingEngine:
 
     def run_many(self, items: Sequence[Item],
                  option_ids: Sequence[int] | None = None) -> Iterator[PairRun]:
-        """`run` of every item, in order. With `packed`, the items run in packed batches
-        (bounded by `pack_tokens`), each batch queued before the previous one's results are
-        handed out, so reading them back never leaves the GPU idle."""
+        """`run` of every item, in order, one ahead (`one_ahead`): item (with `packed`,
+        packed batch, bounded by `pack_tokens`) k+1 is queued before k's results are handed
+        out, so reading them back (a device sync on a GPU) never leaves it idle."""
         if self.packed is None:
-            for it in items:
-                yield self.run(it.clean_ids, it.corrupt_ids, it.identity, it.patches,
-                               option_ids)
+            yield from one_ahead(self.run(it.clean_ids, it.corrupt_ids, it.identity,
+                                          it.patches, option_ids) for it in items)
             return
         options = None if option_ids is None else to_device(list(option_ids), self.device)
-        ready: list[PairRun] = []
-        for batch in self._batches(items):
-            if not isinstance(batch, list):  # an item the packed path cannot run
-                runs = [self.run(batch.clean_ids, batch.corrupt_ids, batch.identity,
-                                 batch.patches, option_ids)]
-            else:
+
+        def batches() -> Iterator[list[PairRun]]:
+            for batch in self._batches(items):
+                if not isinstance(batch, list):  # an item the packed path cannot run
+                    yield [self.run(batch.clean_ids, batch.corrupt_ids, batch.identity,
+                                    batch.patches, option_ids)]
+                    continue
                 clean, corrupt, patched = self.packed.run(batch, options)
-                runs = [PairRun(clean[j], corrupt[j], patched[j]) for j in range(len(batch))]
-            yield from ready
-            ready = runs
-        yield from ready
+                yield [PairRun(clean[j], corrupt[j], patched[j]) for j in range(len(batch))]
+
+        for runs in one_ahead(batches()):
+            yield from runs
 
     def _batches(self, items: Sequence[Item]) -> Iterator[list[Item] | Item]:
         """Consecutive items in packed batches of at most `pack_tokens` tokens (recording
@@ -684,6 +684,22 @@ def to_device(data: torch.Tensor | Sequence[Any], device: torch.device) -> torch
     if device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+T = TypeVar("T")
+_END: Any = object()
+
+
+def one_ahead(items: Iterable[T]) -> Iterator[T]:
+    """Yield each item once the next has been produced: the host queues question k+1 on a
+    GPU before reading question k's results back (a device sync), so the GPU never idles."""
+    it = iter(items)
+    previous = next(it, _END)
+    for item in it:
+        yield previous
+        previous = item
+    if previous is not _END:
+        yield previous
 
 
 def _chunks(items: list[int], size: int) -> Iterator[list[int]]:
